@@ -1,0 +1,215 @@
+//! Every response the proxy synthesizes, in one place.
+//! `ProxyError` names each failure of SPEC §4; `into_response` turns it into the ROMA JSON shape.
+
+use std::time::Duration;
+
+use http::header::{HeaderValue, ACCEPT_RANGES, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE};
+use http::{Response, StatusCode};
+
+use crate::body::ProxyBody;
+
+/// The longest value any field of an error body may have (SPEC §1).
+pub const MAX_FIELD_CHARS: usize = 128;
+
+/// A failure the proxy answers itself instead of (or instead of continuing) forwarding.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error("X-Auth-Token header is missing")]
+    MissingToken,
+    #[error("X-Auth-Token is invalid: {0}")]
+    BadToken(&'static str),
+    #[error("token is not allowed for project")]
+    ProjectForbidden,
+    #[error("archive already downloaded")]
+    AlreadyDownloaded,
+    #[error("archive download in progress")]
+    DownloadInProgress,
+    #[error("path is not canonical: {0}")]
+    NonCanonicalPath(&'static str),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("invalid path parameter: {0}")]
+    BadParameter(&'static str),
+    #[error("rate limit exceeded")]
+    RateLimited { retry_after: Duration },
+    #[error("upstream unreachable: {0}")]
+    UpstreamUnreachable(String),
+    #[error("upstream did not answer in time")]
+    UpstreamTimeout,
+    #[error("ledger unavailable: {0}")]
+    StoreUnavailable(String),
+    #[error("internal error")]
+    Internal,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::MissingToken
+            | ProxyError::BadToken(_)
+            | ProxyError::NonCanonicalPath(_)
+            | ProxyError::BadParameter(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ProjectForbidden | ProxyError::AlreadyDownloaded => StatusCode::FORBIDDEN,
+            ProxyError::DownloadInProgress => StatusCode::CONFLICT,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn error_code(&self) -> &'static str {
+        match self {
+            ProxyError::MissingToken => "ROMA.1000",
+            ProxyError::BadToken(_) => "ROMA.1002",
+            ProxyError::ProjectForbidden => "ROMA.1006",
+            ProxyError::AlreadyDownloaded => "ROMA.00000101",
+            ProxyError::DownloadInProgress => "ROMA.00000102",
+            ProxyError::NonCanonicalPath(_) | ProxyError::MethodNotAllowed => "ROMA.1007",
+            ProxyError::BadParameter(_) => "ROMA.13000",
+            ProxyError::RateLimited { .. } => "APIG.0308",
+            ProxyError::UpstreamUnreachable(_) => "APIC.0202",
+            ProxyError::UpstreamTimeout => "APIC.0203",
+            ProxyError::StoreUnavailable(_) => "APIC.9000",
+            ProxyError::Internal => "APIC.0000",
+        }
+    }
+
+    fn summary(&self) -> &'static str {
+        match self {
+            ProxyError::MissingToken => "X-Auth-Token header is missing",
+            ProxyError::BadToken(_) => "X-Auth-Token is invalid",
+            ProxyError::ProjectForbidden => "token is not authorized for this project",
+            ProxyError::AlreadyDownloaded => "asset package already downloaded",
+            ProxyError::DownloadInProgress => "asset package download in progress",
+            ProxyError::NonCanonicalPath(_) => "request path is not canonical",
+            ProxyError::MethodNotAllowed => "method not allowed",
+            ProxyError::BadParameter(_) => "invalid path parameter",
+            ProxyError::RateLimited { .. } => "too many requests",
+            ProxyError::UpstreamUnreachable(_) => "bad gateway",
+            ProxyError::UpstreamTimeout => "gateway timeout",
+            ProxyError::StoreUnavailable(_) => "service unavailable",
+            ProxyError::Internal => "internal error",
+        }
+    }
+
+    fn details(&self) -> String {
+        match self {
+            ProxyError::MissingToken => "the request carries no X-Auth-Token header".into(),
+            ProxyError::BadToken(why) => format!("X-Auth-Token {why}"),
+            ProxyError::ProjectForbidden => "the token may not access this project".into(),
+            ProxyError::AlreadyDownloaded => {
+                "this asset package can be downloaded only once and has been downloaded".into()
+            }
+            ProxyError::DownloadInProgress => {
+                "another download of this asset package is running; retry later".into()
+            }
+            ProxyError::NonCanonicalPath(why) => (*why).into(),
+            ProxyError::MethodNotAllowed => "only GET is allowed on this resource".into(),
+            ProxyError::BadParameter(why) => (*why).into(),
+            ProxyError::RateLimited { retry_after } => {
+                format!("retry after {} s", retry_after_secs(*retry_after))
+            }
+            ProxyError::UpstreamUnreachable(why) => format!("upstream unreachable: {why}"),
+            ProxyError::UpstreamTimeout => "the upstream did not answer in time".into(),
+            ProxyError::StoreUnavailable(_) => "the download ledger is unreachable".into(),
+            ProxyError::Internal => "the proxy failed to handle the request".into(),
+        }
+    }
+
+    /// The response for this error. `close` asks HTTP/1 clients to drop the connection, used when
+    /// the request body was never read.
+    pub fn into_response(self, request_id: &str, close: bool) -> Response<ProxyBody> {
+        let body = ErrorBody {
+            error_code: self.error_code(),
+            error_msg: self.summary(),
+            error_details: &truncate(&self.details()),
+            request_id: &truncate(request_id),
+        };
+        let json = serde_json::to_vec(&body).unwrap_or_default();
+        let mut response = Response::new(crate::body::full(json));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        set_no_store(headers);
+        match &self {
+            ProxyError::MethodNotAllowed => {
+                headers.insert(ALLOW, HeaderValue::from_static("GET"));
+            }
+            ProxyError::DownloadInProgress => {
+                headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ProxyError::RateLimited { retry_after } => {
+                headers.insert(
+                    http::header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(*retry_after)),
+                );
+            }
+            _ => {}
+        }
+        if close {
+            headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
+/// `Cache-Control: no-store` and `Accept-Ranges: none`, set on every synthesized error and on the
+/// proxied archive so no cache or client ever replays or resumes a one-time download.
+pub fn set_no_store(headers: &mut http::HeaderMap) {
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(ACCEPT_RANGES, HeaderValue::from_static("none"));
+}
+
+/// Whole seconds, rounded up and at least 1, so a client that waits that long is let through.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+fn truncate(value: &str) -> String {
+    value.chars().take(MAX_FIELD_CHARS).collect()
+}
+
+#[derive(serde::Serialize)]
+struct ErrorBody<'a> {
+    error_code: &'static str,
+    error_msg: &'static str,
+    error_details: &'a str,
+    request_id: &'a str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1000)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+    }
+
+    #[test]
+    fn every_field_is_capped() {
+        let long = "x".repeat(500);
+        let response = ProxyError::UpstreamUnreachable(long.clone()).into_response(&long, false);
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        use http_body_util::BodyExt;
+        let body = futures_util::FutureExt::now_or_never(response.into_body().collect())
+            .unwrap()
+            .unwrap()
+            .to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        for field in ["error_code", "error_msg", "error_details", "request_id"] {
+            let text = value[field].as_str().unwrap();
+            assert!(
+                !text.is_empty() && text.chars().count() <= MAX_FIELD_CHARS,
+                "{field}"
+            );
+        }
+    }
+}

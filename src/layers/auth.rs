@@ -1,0 +1,278 @@
+//! Authentication (SPEC §5): `presence` checks the token is there and well formed, `static`
+//! matches its SHA-256 against the configured tokens and their projects. Runs before the ledger.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderMap, Request, Response};
+use sha2::{Digest, Sha256};
+use tower::{Layer, Service};
+
+use crate::body::ProxyBody;
+use crate::config::AuthConfig;
+use crate::error::ProxyError;
+use crate::route::{v2_project_segment, RouteMatch};
+
+pub const X_AUTH_TOKEN: &str = "x-auth-token";
+const MAX_TOKEN_LEN: usize = 100_000;
+
+/// SHA-256 of the request's token, put into the request's extensions once it is accepted:
+/// the ledger records a prefix of it, never the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenDigest(pub [u8; 32]);
+
+impl TokenDigest {
+    /// The identity kept in served records: the first 16 hex characters.
+    pub fn prefix(&self) -> String {
+        hex::encode(&self.0[..8])
+    }
+}
+
+pub fn token_digest(headers: &HeaderMap) -> Option<[u8; 32]> {
+    headers
+        .get(X_AUTH_TOKEN)
+        .map(|token| Sha256::digest(token.as_bytes()).into())
+}
+
+/// The token value, checked for shape: present once, 1..=100000 visible ASCII characters.
+fn presented_token(headers: &HeaderMap) -> Result<&[u8], ProxyError> {
+    let mut values = headers.get_all(X_AUTH_TOKEN).iter();
+    let token = match (values.next(), values.next()) {
+        (None, _) => return Err(ProxyError::MissingToken),
+        (Some(_), Some(_)) => return Err(ProxyError::BadToken("must be sent once")),
+        (Some(token), None) => token.as_bytes(),
+    };
+    if token.is_empty() {
+        return Err(ProxyError::MissingToken);
+    }
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(ProxyError::BadToken("is longer than 100000 characters"));
+    }
+    if !token.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err(ProxyError::BadToken("must be visible ASCII characters"));
+    }
+    Ok(token)
+}
+
+pub struct Authenticator {
+    mode: Mode,
+    fold_case: bool,
+}
+
+enum Mode {
+    Presence,
+    /// Digest → allowed projects (`None`: any).
+    Static(HashMap<[u8; 32], Option<Vec<String>>>),
+}
+
+impl Authenticator {
+    pub fn new(config: &AuthConfig, fold_case: bool) -> Authenticator {
+        let mode = match config {
+            AuthConfig::Presence => Mode::Presence,
+            AuthConfig::Static(tokens) => Mode::Static(
+                tokens
+                    .iter()
+                    .map(|t| (t.sha256, t.projects.clone()))
+                    .collect(),
+            ),
+        };
+        Authenticator { mode, fold_case }
+    }
+
+    /// Checks the request's token; on success returns its digest.
+    pub fn check<B>(&self, request: &Request<B>) -> Result<TokenDigest, ProxyError> {
+        let token = presented_token(request.headers())?;
+        let digest = TokenDigest(Sha256::digest(token).into());
+        match &self.mode {
+            Mode::Presence => Ok(digest),
+            Mode::Static(tokens) => {
+                let projects = tokens
+                    .get(&digest.0)
+                    .ok_or(ProxyError::BadToken("is not recognised"))?;
+                if let (Some(allowed), Some(project)) = (projects, project_of(request)) {
+                    let matches = |name: &String| {
+                        if self.fold_case {
+                            name.eq_ignore_ascii_case(&project)
+                        } else {
+                            *name == project
+                        }
+                    };
+                    if !allowed.iter().any(matches) {
+                        return Err(ProxyError::ProjectForbidden);
+                    }
+                }
+                Ok(digest)
+            }
+        }
+    }
+}
+
+/// The project a request is about: the archive key's `project_id`, or the `/v2/{project_id}/`
+/// prefix of any other path.
+fn project_of<B>(request: &Request<B>) -> Option<String> {
+    match request.extensions().get::<RouteMatch>() {
+        Some(RouteMatch::Archive(key)) => key.param("project_id").map(str::to_string),
+        _ => v2_project_segment(request.uri().path()).map(str::to_string),
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthLayer {
+    authenticator: Arc<Authenticator>,
+}
+
+impl AuthLayer {
+    pub fn new(authenticator: Arc<Authenticator>) -> AuthLayer {
+        AuthLayer { authenticator }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+    fn layer(&self, inner: S) -> Auth<S> {
+        Auth {
+            inner,
+            authenticator: self.authenticator.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Auth<S> {
+    inner: S,
+    authenticator: Arc<Authenticator>,
+}
+
+impl<S, B> Service<Request<B>> for Auth<S>
+where
+    S: Service<Request<B>, Response = Response<ProxyBody>, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        match self.authenticator.check(&request) {
+            Ok(digest) => {
+                request.extensions_mut().insert(digest);
+                Box::pin(self.inner.call(request))
+            }
+            Err(error) => {
+                if let Some(RouteMatch::Archive(key)) = request.extensions().get::<RouteMatch>() {
+                    // The access log names the archive of a refused request too.
+                    if let Some(note) = request
+                        .extensions()
+                        .get::<Arc<super::access_log::AccessNote>>()
+                    {
+                        note.set_archive(key.as_str());
+                        note.set_outcome(super::access_log::Outcome::Rejected);
+                    }
+                }
+                Box::pin(std::future::ready(Err(error)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StaticToken;
+    use crate::route::RouteTemplate;
+
+    fn request(token: Option<&str>, path: &str) -> Request<()> {
+        let mut builder = Request::builder().uri(path);
+        if let Some(token) = token {
+            builder = builder.header(X_AUTH_TOKEN, token);
+        }
+        let mut request = builder.body(()).unwrap();
+        let route = RouteTemplate::parse(crate::config::DEFAULT_ROUTE).unwrap();
+        request.extensions_mut().insert(route.classify(path, true));
+        request
+    }
+
+    #[test]
+    fn presence_mode_checks_shape() {
+        let auth = Authenticator::new(&AuthConfig::Presence, true);
+        assert_eq!(
+            auth.check(&request(None, "/x")),
+            Err(ProxyError::MissingToken)
+        );
+        assert_eq!(
+            auth.check(&request(Some(""), "/x")),
+            Err(ProxyError::MissingToken)
+        );
+        assert!(matches!(
+            auth.check(&request(Some("a b"), "/x")),
+            Err(ProxyError::BadToken(_))
+        ));
+        assert!(matches!(
+            auth.check(&request(Some(&"a".repeat(100_001)), "/x")),
+            Err(ProxyError::BadToken(_))
+        ));
+        assert!(auth
+            .check(&request(Some(&"a".repeat(100_000)), "/x"))
+            .is_ok());
+        let twice = Request::builder()
+            .header(X_AUTH_TOKEN, "a")
+            .header(X_AUTH_TOKEN, "b")
+            .body(())
+            .unwrap();
+        assert!(matches!(auth.check(&twice), Err(ProxyError::BadToken(_))));
+    }
+
+    #[test]
+    fn static_mode_checks_digest_and_project() {
+        let sha = |t: &str| -> [u8; 32] { Sha256::digest(t.as_bytes()).into() };
+        let config = AuthConfig::Static(vec![
+            StaticToken {
+                sha256: sha("alpha"),
+                projects: Some(vec!["P1".into()]),
+            },
+            StaticToken {
+                sha256: sha("root"),
+                projects: None,
+            },
+        ]);
+        let auth = Authenticator::new(&config, true);
+        let archive = "/v2/p1/instances/i/assets/archives/a";
+        assert!(auth.check(&request(Some("alpha"), archive)).is_ok());
+        assert_eq!(
+            auth.check(&request(
+                Some("alpha"),
+                "/v2/p2/instances/i/assets/archives/a"
+            )),
+            Err(ProxyError::ProjectForbidden)
+        );
+        assert_eq!(
+            auth.check(&request(Some("alpha"), "/v2/p2/other")),
+            Err(ProxyError::ProjectForbidden)
+        );
+        assert!(auth.check(&request(Some("alpha"), "/health")).is_ok());
+        assert!(auth.check(&request(Some("root"), "/v2/p9/x")).is_ok());
+        assert!(matches!(
+            auth.check(&request(Some("beta"), archive)),
+            Err(ProxyError::BadToken(_))
+        ));
+        let strict = Authenticator::new(&config, false);
+        assert_eq!(
+            strict.check(&request(Some("alpha"), "/v2/p1/x")),
+            Err(ProxyError::ProjectForbidden)
+        );
+    }
+
+    #[test]
+    fn digest_prefix_is_16_hex() {
+        let digest = TokenDigest(Sha256::digest(b"secret").into());
+        assert_eq!(digest.prefix().len(), 16);
+        assert!(!digest.prefix().contains("secret"));
+    }
+}

@@ -1,0 +1,460 @@
+//! The download-once layer (SPEC §2): on the archive route, claim the key, forward the winner,
+//! then commit or release. The body wrapper is the only place that knows a transfer completed.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::header::{self, HeaderName};
+use http::{Method, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tower::{Layer, Service};
+
+use super::access_log::{AccessNote, Outcome};
+use super::auth::TokenDigest;
+use super::request_id::request_id_of;
+use crate::body::{BoxError, ProxyBody};
+use crate::config::CommitMode;
+use crate::error::{set_no_store, ProxyError};
+use crate::ledger::{now_ms, ClaimOutcome, Ledger, LedgerError, ServedRecord, Ticket};
+use crate::net::{client_ip, ConnInfo};
+use crate::route::{RejectKind, RouteMatch};
+
+/// Request headers that would let a client fetch part of an archive or a cached nothing.
+const PARTIAL_REQUEST_HEADERS: [HeaderName; 4] = [
+    header::RANGE,
+    header::IF_RANGE,
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+];
+
+pub struct OncePolicy {
+    pub ledger: Arc<dyn Ledger>,
+    pub commit: CommitMode,
+    pub lease: Duration,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+#[derive(Clone)]
+pub struct OnceLayer {
+    policy: Arc<OncePolicy>,
+}
+
+impl OnceLayer {
+    pub fn new(policy: Arc<OncePolicy>) -> OnceLayer {
+        OnceLayer { policy }
+    }
+}
+
+impl<S> Layer<S> for OnceLayer {
+    type Service = Once<S>;
+    fn layer(&self, inner: S) -> Once<S> {
+        Once {
+            inner,
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Once<S> {
+    inner: S,
+    policy: Arc<OncePolicy>,
+}
+
+type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>;
+
+impl<S, B> Service<Request<B>> for Once<S>
+where
+    S: Service<Request<B>, Response = Response<ProxyBody>, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> ResponseFuture {
+        let note = request
+            .extensions()
+            .get::<Arc<AccessNote>>()
+            .cloned()
+            .unwrap_or_default();
+        let key = match request.extensions().get::<RouteMatch>() {
+            None | Some(RouteMatch::NotRoute) => return Box::pin(self.inner.call(request)),
+            Some(RouteMatch::Reject(rejection)) => {
+                note.set_outcome(Outcome::Rejected);
+                let error = match rejection.kind {
+                    RejectKind::NonCanonical => ProxyError::NonCanonicalPath(rejection.reason),
+                    RejectKind::BadParameter => ProxyError::BadParameter(rejection.reason),
+                };
+                return Box::pin(std::future::ready(Err(error)));
+            }
+            Some(RouteMatch::Archive(key)) => key.as_str().to_string(),
+        };
+        note.set_archive(&key);
+        if request.method() != Method::GET {
+            note.set_outcome(Outcome::Rejected);
+            return Box::pin(std::future::ready(Err(ProxyError::MethodNotAllowed)));
+        }
+        for name in &PARTIAL_REQUEST_HEADERS {
+            request.headers_mut().remove(name);
+        }
+        // Take the service that was driven to readiness, leave a fresh clone behind.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(download(self.policy.clone(), inner, request, key, note))
+    }
+}
+
+async fn download<S, B>(
+    policy: Arc<OncePolicy>,
+    mut inner: S,
+    request: Request<B>,
+    key: String,
+    note: Arc<AccessNote>,
+) -> Result<Response<ProxyBody>, ProxyError>
+where
+    S: Service<Request<B>, Response = Response<ProxyBody>, Error = ProxyError>,
+{
+    let ticket = match policy.ledger.claim(&key, policy.lease).await {
+        Ok(ClaimOutcome::Claimed(ticket)) => ticket,
+        Ok(ClaimOutcome::Served(_)) => {
+            note.set_outcome(Outcome::RefusedServed);
+            return Err(ProxyError::AlreadyDownloaded);
+        }
+        Ok(ClaimOutcome::InFlight) => {
+            note.set_outcome(Outcome::RefusedInFlight);
+            return Err(ProxyError::DownloadInProgress);
+        }
+        Err(e) => {
+            note.set_outcome(Outcome::Rejected);
+            return Err(ProxyError::StoreUnavailable(e.to_string()));
+        }
+    };
+    let claim = Claim {
+        ledger: policy.ledger.clone(),
+        ticket: Some(ticket),
+        note: note.clone(),
+    };
+    let record = RecordDraft {
+        key,
+        request_id: request_id_of(&request),
+        client: request
+            .extensions()
+            .get::<ConnInfo>()
+            .map(|conn| {
+                client_ip(conn.peer.ip(), request.headers(), &policy.trusted_proxies).to_string()
+            })
+            .unwrap_or_default(),
+        token_sha256_prefix: request
+            .extensions()
+            .get::<TokenDigest>()
+            .map(TokenDigest::prefix)
+            .unwrap_or_default(),
+    };
+
+    // Errors and non-2xx answers drop `claim`, which gives the key back.
+    let mut response = inner.call(request).await?;
+    if !response.status().is_success() {
+        return Ok(response);
+    }
+    set_no_store(response.headers_mut());
+    let expected = content_length(&response);
+    match policy.commit {
+        CommitMode::Headers => {
+            let record = record.finish(expected.unwrap_or(0));
+            claim.commit(record).await?;
+            Ok(response)
+        }
+        CommitMode::Complete => Ok(response.map(|body| {
+            OnceBody {
+                inner: body,
+                claim: Some(claim),
+                record: Some(record),
+                expected,
+                sent: 0,
+                held: None,
+                tail: VecDeque::new(),
+                commit: None,
+                committed: false,
+                lease: policy.lease,
+                last_renewal: Instant::now(),
+                renewal: None,
+            }
+            .boxed_unsync()
+        })),
+    }
+}
+
+fn content_length(response: &Response<ProxyBody>) -> Option<u64> {
+    response
+        .headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The fields of a served record known before the transfer.
+struct RecordDraft {
+    key: String,
+    request_id: String,
+    client: String,
+    token_sha256_prefix: String,
+}
+
+impl RecordDraft {
+    fn finish(self, bytes: u64) -> ServedRecord {
+        ServedRecord {
+            key: self.key,
+            served_at_ms: now_ms(),
+            request_id: self.request_id,
+            bytes,
+            client: self.client,
+            token_sha256_prefix: self.token_sha256_prefix,
+        }
+    }
+}
+
+/// A held claim: committing consumes it, and dropping it any other way releases the key.
+struct Claim {
+    ledger: Arc<dyn Ledger>,
+    ticket: Option<Ticket>,
+    note: Arc<AccessNote>,
+}
+
+impl Claim {
+    fn ticket(&self) -> Option<&Ticket> {
+        self.ticket.as_ref()
+    }
+
+    async fn commit(mut self, record: ServedRecord) -> Result<(), ProxyError> {
+        let Some(ticket) = self.ticket.take() else {
+            return Err(ProxyError::Internal);
+        };
+        match self.ledger.commit(&ticket, record).await {
+            Ok(()) => {
+                self.note.set_outcome(Outcome::Served);
+                Ok(())
+            }
+            Err(e) => {
+                self.ticket = Some(ticket);
+                Err(ProxyError::StoreUnavailable(e.to_string()))
+            }
+        }
+    }
+
+    /// The ledger has made the key served (the commit ran elsewhere).
+    fn committed(&mut self) {
+        self.ticket = None;
+        self.note.set_outcome(Outcome::Served);
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let Some(ticket) = self.ticket.take() else {
+            return;
+        };
+        self.note.set_outcome(Outcome::Released);
+        let ledger = self.ledger.clone();
+        let release = async move {
+            if let Err(e) = ledger.release(&ticket).await {
+                // The lease still runs out, so the key comes free later all the same.
+                tracing::warn!(key = %ticket.key, error = %e, "could not release claim");
+            }
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(release);
+        }
+    }
+}
+
+/// The archive body in `complete` mode: passes bytes through, renews the lease while they flow,
+/// and holds the final chunk back until the served record is durable.
+struct OnceBody {
+    inner: ProxyBody,
+    claim: Option<Claim>,
+    record: Option<RecordDraft>,
+    /// The upstream's Content-Length: its last byte identifies the final chunk without waiting
+    /// for the end of the stream.
+    expected: Option<u64>,
+    sent: u64,
+    /// Without a length, one chunk is kept back until the next shows it was not the last.
+    held: Option<Frame<Bytes>>,
+    /// What goes out once the commit is done.
+    tail: VecDeque<Frame<Bytes>>,
+    commit: Option<BoxFuture<'static, Result<(), LedgerError>>>,
+    committed: bool,
+    lease: Duration,
+    last_renewal: Instant,
+    renewal: Option<BoxFuture<'static, Result<(), LedgerError>>>,
+}
+
+impl OnceBody {
+    /// Starts the commit once all bytes are in; false if there is no claim left to commit.
+    fn start_commit(&mut self) -> bool {
+        let (Some(claim), Some(record)) = (&self.claim, self.record.take()) else {
+            return false;
+        };
+        let Some(ticket) = claim.ticket().cloned() else {
+            return false;
+        };
+        let ledger = claim.ledger.clone();
+        let record = record.finish(self.sent);
+        self.commit = Some(Box::pin(
+            async move { ledger.commit(&ticket, record).await },
+        ));
+        true
+    }
+
+    /// Renews at a third of the lease, without ever delaying the bytes.
+    fn poll_renewal(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError> {
+        if self.renewal.is_none() && self.last_renewal.elapsed() >= self.lease / 3 {
+            if let Some(ticket) = self.claim.as_ref().and_then(Claim::ticket).cloned() {
+                let ledger = self.claim.as_ref().map(|c| c.ledger.clone());
+                let lease = self.lease;
+                if let Some(ledger) = ledger {
+                    self.renewal =
+                        Some(Box::pin(async move { ledger.renew(&ticket, lease).await }));
+                }
+            }
+        }
+        if let Some(renewal) = &mut self.renewal {
+            if let Poll::Ready(result) = renewal.as_mut().poll(cx) {
+                self.renewal = None;
+                self.last_renewal = Instant::now();
+                match result {
+                    Ok(()) => {}
+                    // Someone else may hold the key now: this transfer must not complete.
+                    Err(LedgerError::LostClaim(key)) => {
+                        return Err(format!("claim on {key} expired").into())
+                    }
+                    Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, error: BoxError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.claim = None; // releases
+        self.tail.clear();
+        self.held = None;
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl Body for OnceBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            if this.committed {
+                return Poll::Ready(this.tail.pop_front().map(Ok));
+            }
+            if let Some(commit) = &mut this.commit {
+                let result = ready!(commit.as_mut().poll(cx));
+                this.commit = None;
+                return match result {
+                    Ok(()) => {
+                        if let Some(claim) = &mut this.claim {
+                            claim.committed();
+                        }
+                        this.committed = true;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not record the download; withholding its end");
+                        this.fail(e.into())
+                    }
+                };
+            }
+            if let Err(e) = this.poll_renewal(cx) {
+                return this.fail(e);
+            }
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        this.sent += data.len() as u64;
+                        match this.expected {
+                            Some(expected) if this.sent >= expected => {
+                                this.tail.push_back(frame);
+                                if !this.start_commit() {
+                                    return this.fail("download claim lost".into());
+                                }
+                            }
+                            Some(_) => return Poll::Ready(Some(Ok(frame))),
+                            None => {
+                                if let Some(previous) = this.held.replace(frame) {
+                                    return Poll::Ready(Some(Ok(previous)));
+                                }
+                            }
+                        }
+                    } else {
+                        // Trailers end the stream.
+                        this.tail.extend(this.held.take());
+                        this.tail.push_back(frame);
+                        if !this.start_commit() {
+                            return this.fail("download claim lost".into());
+                        }
+                    }
+                }
+                Some(Err(e)) => return this.fail(e),
+                None => {
+                    if this.expected.is_some_and(|expected| expected != this.sent) {
+                        return this.fail("upstream body shorter than its Content-Length".into());
+                    }
+                    this.tail.extend(this.held.take());
+                    if !this.start_commit() {
+                        return this.fail("download claim lost".into());
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.committed && self.tail.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.expected {
+            Some(expected) => {
+                SizeHint::with_exact(expected.saturating_sub(self.sent) + self.tail_len())
+            }
+            None => SizeHint::default(),
+        }
+    }
+}
+
+impl OnceBody {
+    fn tail_len(&self) -> u64 {
+        self.tail
+            .iter()
+            .filter_map(Frame::data_ref)
+            .map(|d| d.len() as u64)
+            .sum()
+    }
+}

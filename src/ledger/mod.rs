@@ -1,0 +1,108 @@
+//! The download ledger: who holds a claim on an archive key and which keys were served.
+//! One trait, several stores: `memory` (tests, dev), `embedded` (durable redb file, the default).
+
+mod claims;
+pub mod embedded;
+pub mod memory;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use claims::ClaimMap;
+
+/// What is kept of a served download (SPEC §2.6); never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedRecord {
+    pub key: String,
+    /// Milliseconds since the Unix epoch.
+    pub served_at_ms: u64,
+    pub request_id: String,
+    pub bytes: u64,
+    pub client: String,
+    pub token_sha256_prefix: String,
+}
+
+impl ServedRecord {
+    pub fn served_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.served_at_ms)
+    }
+
+    /// Whether `retention` has run out for this record at `now`.
+    pub fn expired(&self, retention: Option<Duration>, now: SystemTime) -> bool {
+        retention.is_some_and(|keep| self.served_at() + keep <= now)
+    }
+}
+
+/// Proof of holding the claim on one key; only its holder may commit or release it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    pub key: String,
+    pub id: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// This request won the key and must commit or release it.
+    Claimed(Ticket),
+    /// Already downloaded.
+    Served(Arc<ServedRecord>),
+    /// Another request holds a live claim.
+    InFlight,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyState {
+    Unseen,
+    InFlight,
+    Served(Arc<ServedRecord>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetOutcome {
+    /// The served record was removed: the archive can be downloaded once more.
+    Reset,
+    /// Nothing to reset.
+    Unseen,
+    /// A download is running; it is not interrupted.
+    InFlight,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    /// The ticket no longer holds the claim (its lease ran out and someone else took it).
+    #[error("claim on {0} was lost")]
+    LostClaim(String),
+    /// The store could not be reached or written.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The state machine's storage (SPEC §2). Every method is atomic per key.
+#[async_trait]
+pub trait Ledger: Send + Sync + 'static {
+    /// Atomically claims `key` for `lease` unless it is served or held by a live claim.
+    async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, LedgerError>;
+    /// Extends a held claim; `LostClaim` when the ticket no longer holds it.
+    async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<(), LedgerError>;
+    /// Makes the key served, durably, before returning; `LostClaim` when the ticket no longer holds it.
+    async fn commit(&self, ticket: &Ticket, record: ServedRecord) -> Result<(), LedgerError>;
+    /// Gives the key back (unseen) if the ticket still holds it.
+    async fn release(&self, ticket: &Ticket) -> Result<(), LedgerError>;
+    async fn lookup(&self, key: &str) -> Result<KeyState, LedgerError>;
+    async fn reset(&self, key: &str) -> Result<ResetOutcome, LedgerError>;
+    /// Whether the store can take claims right now (`/readyz`).
+    async fn ready(&self) -> bool;
+    /// Drops dead claims and records past retention; called on a timer.
+    async fn sweep(&self);
+    /// Makes everything committed so far durable (at shutdown).
+    async fn flush(&self) -> Result<(), LedgerError>;
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

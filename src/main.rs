@@ -1,0 +1,130 @@
+//! The `oncegate` command: `run` (default), `check` and `demo` (SPEC §10).
+//! Bad config, unreadable files and busy ports end with one line on stderr and exit code 2.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use oncegate::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "oncegate",
+    version,
+    about = "A reverse proxy that lets each asset package be downloaded exactly once"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// The config file (for `run`, the default subcommand).
+    #[arg(long, global = true, default_value = "config/oncegate.toml")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the config file and exit 0, or print every problem and exit 2.
+    Check,
+    /// Start a demo upstream and the proxy in front of it on loopback, and print commands to try.
+    Demo {
+        /// Where the demo proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Where the demo proxy's admin listener listens.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: std::net::SocketAddr,
+    },
+}
+
+const CONFIG_ERROR: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => check(&cli.config),
+        Command::Run => match Config::load(&cli.config) {
+            Ok(config) => run(config, None),
+            Err(errors) => fail(&format!("{}: {errors}", cli.config.display())),
+        },
+        Command::Demo { listen, admin } => match oncegate::demo::demo_config(listen, admin) {
+            Ok(config) => run(config, Some(listen)),
+            Err(e) => fail(&e),
+        },
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let problems = match Config::load(path) {
+        Ok(config) => oncegate::check_resources(&config).err().unwrap_or_default(),
+        Err(errors) => errors.0,
+    };
+    if problems.is_empty() {
+        println!("{}: ok", path.display());
+        return ExitCode::SUCCESS;
+    }
+    for problem in &problems {
+        eprintln!("{}: {problem}", path.display());
+    }
+    ExitCode::from(CONFIG_ERROR)
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("oncegate: {}", message.replace('\n', " "));
+    ExitCode::from(CONFIG_ERROR)
+}
+
+fn run(config: Config, demo: Option<std::net::SocketAddr>) -> ExitCode {
+    oncegate::telemetry::init_logging(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        let demo_upstream = match demo {
+            Some(_) => match oncegate::demo::start_upstream().await {
+                Ok(upstream) => Some(upstream),
+                Err(e) => return fail(&e),
+            },
+            None => None,
+        };
+        let mut config = config;
+        if let Some(upstream) = &demo_upstream {
+            config.upstream = upstream.upstream_config();
+        }
+        let running = match oncegate::start(config).await {
+            Ok(running) => running,
+            Err(e) => return fail(&e),
+        };
+        if let Some(upstream) = &demo_upstream {
+            println!(
+                "{}",
+                oncegate::demo::instructions(running.addr, running.admin_addr, upstream)
+            );
+        }
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        running.shutdown();
+        running.wait().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! Logging (tracing-subscriber, json or pretty, `RUST_LOG` over `log.level`) and the
+//! process-wide Prometheus recorder behind `/metrics`.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Installs the global subscriber; `RUST_LOG`, when set, wins over `log.level`.
+pub fn init_logging(config: &LogConfig) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|value| EnvFilter::try_new(value).ok())
+        .unwrap_or_else(|| EnvFilter::new(&config.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
+}
+
+/// The process-wide metrics recorder (installed on first use; tests start many apps).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let seconds = [
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+                .expect("static bucket list is not empty");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(
+        "oncegate_requests_total",
+        "Requests answered, by route and status."
+    );
+    metrics::describe_counter!(
+        "oncegate_downloads_total",
+        "Archive route requests, by outcome."
+    );
+    metrics::describe_counter!(
+        "oncegate_rate_limited_total",
+        "Requests refused by a rate limit."
+    );
+    metrics::describe_histogram!(
+        "oncegate_request_duration_seconds",
+        "Time from request to the end of the response body."
+    );
+    metrics::describe_histogram!(
+        "oncegate_upstream_response_seconds",
+        "Time until the upstream's response headers."
+    );
+}

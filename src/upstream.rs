@@ -1,0 +1,279 @@
+//! The forwarder: a pooled HTTP/1.1 client to the upstream, header hygiene of RFC 9110 §7.6.1,
+//! and the mapping of upstream failures to 502 / 504.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use tower_http::timeout::TimeoutBody;
+
+use crate::body::ProxyBody;
+use crate::config::UpstreamConfig;
+use crate::error::ProxyError;
+use crate::net::ConnInfo;
+
+#[derive(Clone)]
+pub struct Upstream {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client<HttpsConnector<HttpConnector>, Incoming>,
+    scheme: Scheme,
+    authority: Authority,
+    host: HeaderValue,
+    path_prefix: String,
+    response_timeout: Duration,
+    preserve_host: bool,
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> Result<Upstream, String> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        let tls = tls_client_config(config.ca_file.as_deref())?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        let host = HeaderValue::from_str(config.authority.as_str()).map_err(|e| e.to_string())?;
+        Ok(Upstream {
+            inner: Arc::new(Inner {
+                client,
+                scheme: config.scheme.clone(),
+                authority: config.authority.clone(),
+                host,
+                path_prefix: config.path_prefix.clone(),
+                response_timeout: config.response_timeout,
+                preserve_host: config.preserve_host,
+            }),
+        })
+    }
+
+    /// Sends the request upstream and returns its response with a streamed body. Errors before
+    /// the response headers become 502 (unreachable, broken) or 504 (no answer in time).
+    pub async fn forward(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let inner = &self.inner;
+        let conn = request.extensions().get::<ConnInfo>().copied();
+        let (mut parts, body) = request.into_parts();
+        // HTTP/2 clients send the host as :authority only.
+        let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            let authority = parts.uri.authority()?;
+            HeaderValue::from_str(authority.as_str()).ok()
+        });
+        parts.uri = self.upstream_uri(&parts.uri)?;
+        parts.version = Version::HTTP_11;
+        remove_hop_by_hop(&mut parts.headers);
+        let host = match (inner.preserve_host, original_host) {
+            (true, Some(host)) => host,
+            _ => inner.host.clone(),
+        };
+        parts.headers.insert(header::HOST, host);
+        if let Some(conn) = conn {
+            append_forwarded_for(&mut parts.headers, conn.peer);
+            let proto = if conn.tls { "https" } else { "http" };
+            parts.headers.insert(
+                HeaderName::from_static("x-forwarded-proto"),
+                HeaderValue::from_static(proto),
+            );
+        }
+
+        let started = Instant::now();
+        let sent = inner.client.request(Request::from_parts(parts, body));
+        let result = tokio::time::timeout(inner.response_timeout, sent).await;
+        metrics::histogram!("oncegate_upstream_response_seconds")
+            .record(started.elapsed().as_secs_f64());
+        let response = match result {
+            Err(_) => return Err(ProxyError::UpstreamTimeout),
+            Ok(Err(e)) => return Err(ProxyError::UpstreamUnreachable(describe_client_error(&e))),
+            Ok(Ok(response)) => response,
+        };
+        let (mut parts, body) = response.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        // The client gets this request's id (set by the request-id layer), never the upstream's.
+        parts
+            .headers
+            .remove(HeaderName::from_static("x-request-id"));
+        // A body that stops trickling for as long as the header timeout counts as a dead upstream.
+        let body = TimeoutBody::new(inner.response_timeout, body)
+            .map_err(Into::into)
+            .boxed_unsync();
+        Ok(Response::from_parts(parts, body))
+    }
+
+    fn upstream_uri(&self, incoming: &Uri) -> Result<Uri, ProxyError> {
+        let inner = &self.inner;
+        let path_and_query = incoming.path_and_query().map_or("/", PathAndQuery::as_str);
+        let path_and_query = if inner.path_prefix.is_empty() {
+            PathAndQuery::try_from(path_and_query)
+        } else {
+            PathAndQuery::try_from(format!("{}{}", inner.path_prefix, path_and_query))
+        }
+        .map_err(|_| ProxyError::Internal)?;
+        Uri::builder()
+            .scheme(inner.scheme.clone())
+            .authority(inner.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|_| ProxyError::Internal)
+    }
+}
+
+impl tower::Service<Request<Incoming>> for Upstream {
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = futures_util::future::BoxFuture<'static, Result<Response<ProxyBody>, ProxyError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), ProxyError>> {
+        // The pool queues requests itself.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let upstream = self.clone();
+        Box::pin(async move { upstream.forward(request).await })
+    }
+}
+
+fn describe_client_error(error: &hyper_util::client::legacy::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1): `Connection`, every header it names, and the fixed list.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let name = HeaderName::from_static("x-forwarded-for");
+    let earlier: Vec<&str> = headers
+        .get_all(&name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let value = if earlier.is_empty() {
+        peer.ip().to_string()
+    } else {
+        format!("{}, {}", earlier.join(", "), peer.ip())
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(name, value);
+    }
+}
+
+fn tls_client_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "upstream.ca_file {}: no certificate found",
+                path.display()
+            ));
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_go() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, X-Secret"),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(header::TRAILER, HeaderValue::from_static("x"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn forwarded_for_is_appended() {
+        let mut headers = HeaderMap::new();
+        append_forwarded_for(&mut headers, "10.0.0.1:5".parse().unwrap());
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.1");
+        headers.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        append_forwarded_for(&mut headers, "[::1]:5".parse().unwrap());
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 1.1.1.1, ::1");
+    }
+}
