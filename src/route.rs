@@ -39,7 +39,7 @@ const MAX_READINGS: usize = 128;
 /// Total bytes of readings explored for one path, so long hostile paths stay as cheap as short ones.
 const MAX_READING_BYTES: usize = 32 * 1024;
 
-/// Decode rounds applied by the coarse fallback test.
+/// Decode rounds the coarse fallback applies before giving up and treating the path as the route.
 const MAX_FALLBACK_ROUNDS: usize = 16;
 
 /// Stands for a byte that is not part of a valid UTF-8 sequence; matches no character.
@@ -291,10 +291,13 @@ impl RouteTemplate {
     }
 
     /// Coarse fallback: after decoding everything, do the literals occur in
-    /// order (ignoring case)? Every reading that matches the template contains
-    /// them, so answering `false` here is safe.
+    /// order (ignoring case)? Every reading that matches the template spells
+    /// them out, and further decoding cannot break a literal (no escape can
+    /// straddle the '/' around it), so answering `false` here misses no route.
+    /// A path still changing after the last round cannot be judged: route.
     fn literals_appear_in_order(&self, path: &[u8]) -> bool {
         let mut text = path.to_vec();
+        let mut settled = false;
         for _ in 0..MAX_FALLBACK_ROUNDS {
             let mut changed = false;
             for rewrite in [
@@ -308,8 +311,12 @@ impl RouteTemplate {
                 }
             }
             if !changed {
+                settled = true;
                 break;
             }
+        }
+        if !settled {
+            return true;
         }
         let folded = fold_for_search(&text);
         let mut haystack = folded.as_slice();
@@ -1235,15 +1242,24 @@ mod tests {
     }
 
     #[test]
-    fn hostile_paths_stay_cheap() {
+    fn hostile_paths_stay_cheap_and_err_towards_rejecting() {
         let template = default_template();
         let started = std::time::Instant::now();
-        let mixed =
-            "/v2/p;x/instances/%2e/i\\assets/.//%252e%2F..;/archives/#?\t\u{ff0f}a%00".repeat(50);
-        let long_escapes = format!("/{}", "%25".repeat(3000));
+        // Enough stacked tricks to exhaust the search: the fallback decides by
+        // whether the literals are still spelled out in order.
+        let tricks_on_route =
+            "/v2/p;x/instances/%2e/i\\assets/.//%252e%2F..;/archives/#?\t\u{ff0f}a%00";
+        let tricks_elsewhere = "/x;a/%2e/b\\c/.//%252e%2F..;/d/#?\t\u{ff0f}e%00/f";
+        check(&template, tricks_on_route, true, NonCanonical);
+        check(&template, tricks_elsewhere, true, NotRoute);
+        // Encoded forty times over, still found.
         let deep = format!("/v2/p/instances/i/assets/archives%{}2Fa", "25".repeat(40));
-        for path in [mixed.as_str(), long_escapes.as_str(), deep.as_str()] {
-            let _ = template.classify(path, true);
+        check(&template, &deep, true, NonCanonical);
+        let long_mixed = tricks_on_route.repeat(100);
+        let long_escapes = format!("/{}", "%25".repeat(3000));
+        let long_plain = format!("/{}", "x/".repeat(4000));
+        for path in [long_mixed, long_escapes, long_plain] {
+            let _ = template.classify(&path, true);
         }
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
     }

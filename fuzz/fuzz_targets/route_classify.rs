@@ -45,7 +45,10 @@ fn check(template: &RouteTemplate, path: &str) {
     match (&folded, &exact) {
         (RouteMatch::NotRoute, RouteMatch::NotRoute) => {}
         (RouteMatch::Reject(with_fold), RouteMatch::Reject(without_fold)) => {
-            assert_eq!(with_fold, without_fold, "fold_case changed the rejection of {path:?}");
+            assert_eq!(
+                with_fold, without_fold,
+                "fold_case changed the rejection of {path:?}"
+            );
         }
         (RouteMatch::Archive(with_fold), RouteMatch::Archive(without_fold)) => {
             assert_eq!(
@@ -64,7 +67,10 @@ fn check_archive(template: &RouteTemplate, path: &str, verdict: &RouteMatch, fol
     let RouteMatch::Archive(key) = verdict else {
         return;
     };
-    assert!(is_plain(path), "Archive {key:?} from non-canonical path {path:?}");
+    assert!(
+        is_plain(path),
+        "Archive {key:?} from non-canonical path {path:?}"
+    );
 
     for name in template.param_names() {
         let value = key
@@ -91,9 +97,15 @@ fn check_archive(template: &RouteTemplate, path: &str, verdict: &RouteMatch, fol
 
     let canonical = canonical_path(template, key);
     if fold_case {
-        assert!(canonical.eq_ignore_ascii_case(path), "{path:?} is not {canonical:?}");
+        assert!(
+            canonical.eq_ignore_ascii_case(path),
+            "{path:?} is not {canonical:?}"
+        );
     } else {
-        assert_eq!(canonical, path, "Archive path is not the key's canonical path");
+        assert_eq!(
+            canonical, path,
+            "Archive path is not the key's canonical path"
+        );
     }
     assert_eq!(
         &template.classify(&canonical, fold_case),
@@ -110,7 +122,9 @@ fn is_plain(path: &str) -> bool {
         && path
             .bytes()
             .all(|b| b.is_ascii_graphic() && !matches!(b, b'%' | b'\\' | b';' | b'#' | b'?'))
-        && !path.split('/').any(|segment| segment == "." || segment == "..")
+        && !path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
 }
 
 /// The template with every placeholder replaced by the key's parameter.
@@ -118,14 +132,14 @@ fn canonical_path(template: &RouteTemplate, key: &ArchiveKey) -> String {
     template
         .as_str()
         .split('/')
-        .map(|segment| {
-            match segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+        .map(
+            |segment| match segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
                 Some(name) => key
                     .param(name)
                     .unwrap_or_else(|| panic!("key {key:?} lacks {name}")),
                 None => segment,
-            }
-        })
+            },
+        )
         .collect::<Vec<_>>()
         .join("/")
 }

@@ -99,18 +99,15 @@ impl ClaimMap {
     }
 
     /// First half of a commit: pins the claim so it cannot expire while the record is written.
+    /// A claim past its lease may still commit as long as nobody took it over: nobody else was
+    /// told the key is free.
     pub fn begin_commit(&self, ticket: &Ticket) -> Result<(), LedgerError> {
         match self.slots.get_mut(ticket.key.as_str()).as_deref_mut() {
             Some(Slot::InFlight {
                 ticket: held,
-                expires,
                 committing,
+                ..
             }) if *held == ticket.id => {
-                // A claim whose lease already ran out is not ours to commit: another request may
-                // have been told the key is free.
-                if *expires <= Instant::now() && !*committing {
-                    return Err(LedgerError::LostClaim(ticket.key.clone()));
-                }
                 *committing = true;
                 Ok(())
             }
@@ -194,17 +191,14 @@ impl ClaimMap {
             .insert(record.key.as_str().into(), Slot::Served(Arc::new(record)));
     }
 
-    /// Drops dead claims and expired records; returns the keys of the records dropped.
+    /// Drops records past retention; returns their keys. Claims are left alone: their holders
+    /// always end them (commit, or release on drop), and an expired one is replaced by the next
+    /// claim of its key.
     pub fn sweep(&self) -> Vec<String> {
-        let now = Instant::now();
         let wall = SystemTime::now();
         let mut expired_records = Vec::new();
         self.slots.retain(|key, slot| match slot {
-            Slot::InFlight {
-                expires,
-                committing,
-                ..
-            } => *committing || *expires > now,
+            Slot::InFlight { .. } => true,
             Slot::Served(record) => {
                 let keep = !record.expired(self.retention, wall);
                 if !keep {
@@ -273,11 +267,15 @@ mod tests {
     }
 
     #[test]
-    fn expired_lease_cannot_commit() {
+    fn expired_lease_commits_only_if_not_taken_over() {
         let map = ClaimMap::new(None);
-        let t = ticket(map.claim("k", Duration::from_millis(1)));
+        let late = ticket(map.claim("k", Duration::from_millis(1)));
         std::thread::sleep(Duration::from_millis(5));
-        assert!(map.commit(&t, record("k")).is_err());
+        map.commit(&late, record("k")).unwrap();
+        let lost = ticket(map.claim("j", Duration::from_millis(1)));
+        std::thread::sleep(Duration::from_millis(5));
+        let _winner = ticket(map.claim("j", Duration::from_secs(60)));
+        assert!(map.commit(&lost, record("j")).is_err());
     }
 
     #[test]

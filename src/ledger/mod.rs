@@ -95,7 +95,7 @@ pub trait Ledger: Send + Sync + 'static {
     async fn reset(&self, key: &str) -> Result<ResetOutcome, LedgerError>;
     /// Whether the store can take claims right now (`/readyz`).
     async fn ready(&self) -> bool;
-    /// Drops dead claims and records past retention; called on a timer.
+    /// Drops records past retention; called on a timer.
     async fn sweep(&self);
     /// Makes everything committed so far durable (at shutdown).
     async fn flush(&self) -> Result<(), LedgerError>;

@@ -1,0 +1,452 @@
+//! Test support: a real upstream on loopback with failure modes, a proxy started in-process or
+//! as the real binary, and small HTTP clients (pooled, and raw for hand-made request lines).
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use oncegate::body::BoxError;
+use oncegate::config::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const TOKEN: &str = "test-token-0123456789";
+pub const ARCHIVES: &str = "/v2/proj/instances/inst/assets/archives";
+
+/// A request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+}
+
+/// A real upstream on a free loopback port. The archive id picks its behaviour:
+/// `big-<MiB>-*` streams that many MiB (with Content-Length), `chunked-*` streams without a
+/// length, `fail-*` answers 500, `reset-*` breaks the connection mid-body, `slow-<ms>-*` waits
+/// before the headers, `trickle-<ms>-*` sends 8 chunks <ms> apart; anything else gets
+/// `body_for(path)`.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let task_seen = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let seen = task_seen.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        upstream_handle(seen.clone(), request)
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, seen, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn hits(&self, path_fragment: &str) -> Vec<Seen> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path_and_query.contains(path_fragment))
+            .cloned()
+            .collect()
+    }
+}
+
+/// The body the upstream serves for an ordinary path.
+pub fn body_for(path: &str) -> Bytes {
+    Bytes::from(format!("archive bytes for {path}\n").repeat(8))
+}
+
+/// Deterministic content of the n-th MiB-sized download, so corruption is detected.
+pub fn big_chunk(index: usize) -> Bytes {
+    let byte = (index % 251) as u8;
+    Bytes::from(vec![byte; 64 * 1024])
+}
+
+type UpstreamBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+async fn upstream_handle(
+    seen: Arc<Mutex<Vec<Seen>>>,
+    request: Request<Incoming>,
+) -> Result<Response<UpstreamBody>, Infallible> {
+    let path = request.uri().path().to_string();
+    seen.lock().unwrap().push(Seen {
+        method: request.method().to_string(),
+        path_and_query: request
+            .uri()
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        headers: request.headers().clone(),
+    });
+    let id = path.rsplit('/').next().unwrap_or_default().to_string();
+    let parts: Vec<&str> = id.split('-').collect();
+    let number = |i: usize| {
+        parts
+            .get(i)
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(1)
+    };
+    let response = match parts[0] {
+        "big" => {
+            let chunks = number(1) as usize * 16;
+            let stream = futures_util::stream::iter((0..chunks).map(|i| Ok::<_, BoxError>(Frame::data(big_chunk(i)))));
+            Response::builder()
+                .header("content-length", (chunks * 64 * 1024).to_string())
+                .header("content-type", "application/zip")
+                .body(StreamBody::new(stream).boxed())
+                .unwrap()
+        }
+        "chunked" => {
+            let stream = futures_util::stream::iter((0..4).map(|i| Ok::<_, BoxError>(Frame::data(big_chunk(i)))));
+            Response::builder().body(StreamBody::new(stream).boxed()).unwrap()
+        }
+        "fail" => Response::builder()
+            .status(StatusCode::INTERNAL_SERVER_ERROR)
+            .header("content-type", "application/json")
+            .body(full(r#"{"error_code":"ROMA.9999","error_msg":"boom","error_details":"x","request_id":"u"}"#))
+            .unwrap(),
+        "reset" => {
+            // The headers and two chunks go out, then the connection breaks.
+            let stream = futures_util::stream::unfold(0usize, |i| async move {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                match i {
+                    0 | 1 => Some((Ok::<_, BoxError>(Frame::data(big_chunk(i))), i + 1)),
+                    2 => Some((Err::<Frame<Bytes>, BoxError>("upstream reset".into()), i + 1)),
+                    _ => None,
+                }
+            });
+            Response::builder()
+                .header("content-length", (16 * 64 * 1024).to_string())
+                .body(StreamBody::new(stream).boxed())
+                .unwrap()
+        }
+        "slow" => {
+            tokio::time::sleep(Duration::from_millis(number(1))).await;
+            Response::new(full(body_for(&path)))
+        }
+        "trickle" => {
+            let gap = Duration::from_millis(number(1));
+            let stream = futures_util::stream::unfold(0usize, move |i| async move {
+                if i == 8 {
+                    return None;
+                }
+                tokio::time::sleep(gap).await;
+                Some((Ok::<_, BoxError>(Frame::data(big_chunk(i))), i + 1))
+            });
+            Response::builder()
+                .header("content-length", (8 * 64 * 1024).to_string())
+                .body(StreamBody::new(stream).boxed())
+                .unwrap()
+        }
+        _ => Response::new(full(body_for(&path))),
+    };
+    Ok(response)
+}
+
+fn full(bytes: impl Into<Bytes>) -> UpstreamBody {
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// Config text for a proxy on free loopback ports in front of `upstream`, plus `extra` TOML.
+pub fn config_text(upstream: &str, extra: &str) -> String {
+    let mut text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\
+         [upstream]\nurl = \"{upstream}\"\nresponse_timeout = \"5s\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n"
+    );
+    if !extra.contains("[store]") {
+        text.push_str("[store]\nkind = \"memory\"\n");
+    }
+    text.push_str(extra);
+    text
+}
+
+pub async fn start_proxy(upstream: &Upstream, extra: &str) -> oncegate::Running {
+    oncegate::start(config_for(&upstream.url(), extra))
+        .await
+        .expect("proxy starts")
+}
+
+/// The validated config of `config_text`, for tests that change typed fields before starting.
+pub fn config_for(upstream_url: &str, extra: &str) -> Config {
+    Config::from_toml(&config_text(upstream_url, extra), Path::new(".")).expect("valid test config")
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {:?}", self.body))
+    }
+
+    pub fn error_code(&self) -> String {
+        self.json()["error_code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A GET with the test token plus `headers`.
+pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Reply {
+    request(
+        addr,
+        "GET",
+        path,
+        &[&[("x-auth-token", TOKEN)], headers].concat(),
+    )
+    .await
+}
+
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let response = client()
+        .request(builder.body(Empty::new()).unwrap())
+        .await
+        .expect("request");
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Sends `head` (request line and headers, without the final blank line) as is, with
+/// `Connection: close`, and returns the status and body.
+pub async fn raw(addr: SocketAddr, head: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request =
+        format!("{head}\r\nHost: {addr}\r\nX-Auth-Token: {TOKEN}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut reply)).await;
+    let text = String::from_utf8_lossy(&reply).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Reads the whole body of a streamed GET, or stops after `limit` bytes (dropping the connection).
+pub async fn get_partial(addr: SocketAddr, path: &str, limit: usize) -> (StatusCode, usize) {
+    let request = Request::builder()
+        .uri(format!("http://{addr}{path}"))
+        .header("x-auth-token", TOKEN)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = client().request(request).await.expect("request");
+    let status = response.status();
+    let mut body = response.into_body();
+    let mut read = 0;
+    while read < limit {
+        match body.frame().await {
+            Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
+            _ => break,
+        }
+    }
+    (status, read)
+}
+
+// ---- the real binary ----
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_oncegate"))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The binary running with a config file in its own folder; killed when dropped.
+pub struct Process {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+    pub stderr_path: PathBuf,
+}
+
+impl Process {
+    /// Writes `config` (with `{listen}` / `{admin}` filled in) to `dir` and starts the binary.
+    pub fn spawn(dir: &Path, config: &str) -> Process {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let text = config
+            .replace("{listen}", &addr.to_string())
+            .replace("{admin}", &admin.to_string());
+        let config_path = dir.join("oncegate.toml");
+        std::fs::write(&config_path, text).unwrap();
+        let stderr_path = dir.join(format!("stderr-{}.log", addr.port()));
+        let child = Command::new(binary())
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap();
+        let process = Process {
+            child,
+            addr,
+            admin,
+            dir: dir.to_path_buf(),
+            stderr_path,
+        };
+        process.wait_ready();
+        process
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(self.admin).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "binary did not start: {}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args(["-s", name, &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "process did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the binary to completion with `args`; returns (exit code, stdout, stderr).
+pub fn run_binary(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(binary())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).to_string(),
+        String::from_utf8_lossy(&output.stderr).to_string(),
+    )
+}
+
+/// A proxy in front of an upstream given by URL (e.g. with a path prefix).
+pub async fn start_proxy_at(upstream_url: &str, extra: &str) -> oncegate::Running {
+    oncegate::start(config_for(upstream_url, extra))
+        .await
+        .expect("proxy starts")
+}
