@@ -85,6 +85,7 @@ fn run(config: Config, demo: Option<std::net::SocketAddr>) -> ExitCode {
         Err(e) => return fail(&format!("cannot start the runtime: {e}")),
     };
     runtime.block_on(async move {
+        let mut signals = StopSignals::install();
         let demo_upstream = match demo {
             Some(_) => match oncegate::demo::start_upstream().await {
                 Ok(upstream) => Some(upstream),
@@ -106,7 +107,7 @@ fn run(config: Config, demo: Option<std::net::SocketAddr>) -> ExitCode {
                 oncegate::demo::instructions(running.addr, running.admin_addr, upstream)
             );
         }
-        wait_for_signal().await;
+        signals.recv().await;
         tracing::info!("shutting down");
         running.shutdown();
         running.wait().await;
@@ -114,17 +115,33 @@ fn run(config: Config, demo: Option<std::net::SocketAddr>) -> ExitCode {
     })
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut terminate) => {
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+/// SIGTERM and SIGINT, listened for from before the proxy starts so an early signal is not lost.
+struct StopSignals {
+    terminate: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn install() -> StopSignals {
+        use tokio::signal::unix::{signal, SignalKind};
+        StopSignals {
+            terminate: signal(SignalKind::terminate()).ok(),
+            interrupt: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    async fn recv(&mut self) {
+        async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending().await,
             }
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            () = next(&mut self.terminate) => {}
+            () = next(&mut self.interrupt) => {}
         }
     }
 }

@@ -1,0 +1,341 @@
+//! The real binary, driven through its CLI, config file, signals and HTTP only: crash safety,
+//! graceful shutdown, config errors, logs, memory use and the demo.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use support::*;
+
+fn embedded_config(upstream: &Upstream, extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"{{listen}}\"\nshutdown_grace = \"10s\"\n\
+         [upstream]\nurl = \"{}\"\n\
+         [store]\nkind = \"embedded\"\npath = \"state/ledger.redb\"\n\
+         [admin]\nlisten = \"{{admin}}\"\n{extra}",
+        upstream.url()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn served_records_survive_kill_9_and_restart() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = embedded_config(&upstream, "");
+    let mut proxy = Process::spawn(dir.path(), &config);
+    let paths: Vec<String> = (0..5).map(|i| format!("{ARCHIVES}/crash{i}")).collect();
+    for path in &paths {
+        let reply = get(proxy.addr, path, &[]).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.body, body_for(path));
+    }
+    // No pause: a client holding the whole archive implies a durable record.
+    proxy.signal("KILL");
+    proxy.wait_exit(Duration::from_secs(5));
+    assert!(
+        dir.path().join("state/ledger.redb").exists(),
+        "store.path is relative to the config file"
+    );
+
+    let restarted = Process::spawn(dir.path(), &config);
+    for path in &paths {
+        let reply = get(restarted.addr, path, &[]).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{path} served twice after a crash"
+        );
+        assert_eq!(reply.error_code(), "ROMA.00000101");
+    }
+    assert_eq!(
+        get(restarted.addr, &format!("{ARCHIVES}/fresh"), &[])
+            .await
+            .status,
+        StatusCode::OK
+    );
+    for i in 0..5 {
+        assert_eq!(upstream.hits(&format!("/crash{i}")).len(), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_lets_a_running_download_finish_then_exits_0() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxy = Process::spawn(dir.path(), &embedded_config(&upstream, ""));
+    let addr = proxy.addr;
+    let download =
+        tokio::spawn(async move { get(addr, &format!("{ARCHIVES}/trickle-150-term"), &[]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still accepting after SIGTERM"
+    );
+    let reply = download.await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body.len(), 8 * 64 * 1024);
+    let code = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+
+    // The download that finished during shutdown is on record.
+    let restarted = Process::spawn(dir.path(), &embedded_config(&upstream, ""));
+    let again = get(restarted.addr, &format!("{ARCHIVES}/trickle-150-term"), &[]).await;
+    assert_eq!(again.status, StatusCode::FORBIDDEN);
+}
+
+#[test]
+fn config_problems_exit_2_with_one_line_naming_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().to_string()
+    };
+    let base = "[upstream]\nurl = \"http://127.0.0.1:9\"\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+
+    let unknown = write(
+        "unknown.toml",
+        &format!("{base}[server]\nlisten = \"127.0.0.1:0\"\nlisten_port = 1\n"),
+    );
+    let (code, _, stderr) = run_binary(&["run", "--config", &unknown]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("server.listen_port"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    let bad_value = write(
+        "bad.toml",
+        &format!("{base}[once]\ncommit = \"eventually\"\n"),
+    );
+    let (code, _, stderr) = run_binary(&["--config", &bad_value]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("once.commit"), "{stderr}");
+
+    let missing = dir.path().join("nope.toml").to_string_lossy().to_string();
+    let (code, _, stderr) = run_binary(&["run", "--config", &missing]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("nope.toml") && stderr.trim().lines().count() == 1,
+        "{stderr}"
+    );
+
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let in_use = write(
+        "busy.toml",
+        &format!("{base}[server]\nlisten = \"127.0.0.1:{port}\"\n[store]\nkind = \"memory\"\n"),
+    );
+    let (code, _, stderr) = run_binary(&["run", "--config", &in_use]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains(&port.to_string()) && stderr.contains("server.listen"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    let many = write(
+        "many.toml",
+        "[server]\nlisten = \"x\"\nshutdown_grace = \"later\"\n[upstream]\nurl = \"ftp://a\"\n[log]\nlevel = \"info\"\ncolour = true\n",
+    );
+    let (code, _, stderr) = run_binary(&["check", "--config", &many]);
+    assert_ne!(code, 0);
+    for key in [
+        "server.listen",
+        "server.shutdown_grace",
+        "upstream.url",
+        "log.colour",
+    ] {
+        assert!(stderr.contains(key), "{key} not reported: {stderr}");
+    }
+
+    let good = write("good.toml", base);
+    let (code, stdout, stderr) = run_binary(&["check", "--config", &good]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("ok"));
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/oncegate.toml");
+    assert_eq!(run_binary(&["check", "--config", shipped]).0, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_process_cannot_share_the_ledger_file() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Process::spawn(dir.path(), &embedded_config(&upstream, ""));
+    let config = embedded_config(&upstream, "")
+        .replace("{listen}", &format!("127.0.0.1:{}", free_port()))
+        .replace("{admin}", &format!("127.0.0.1:{}", free_port()));
+    let path = dir.path().join("second.toml");
+    std::fs::write(&path, config).unwrap();
+    let (code, _, stderr) = run_binary(&["run", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("store.path"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_token_never_appears_in_logs() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "Secret-Token-7f3a9c";
+    let config = embedded_config(&upstream, "[log]\nformat = \"json\"\nlevel = \"trace\"\n");
+    let mut proxy = Process::spawn(dir.path(), &config);
+    let token = [("x-auth-token", secret)];
+    let archive = format!("{ARCHIVES}/logged");
+    for (method, path) in [
+        ("GET", archive.as_str()),
+        ("GET", archive.as_str()),
+        ("HEAD", archive.as_str()),
+        ("GET", "/v2/proj/instances/inst/assets/archives//x"),
+        ("GET", "/other"),
+        ("GET", "/v2/proj/instances/inst/assets/archives/fail-1"),
+    ] {
+        request(proxy.addr, method, path, &token).await;
+    }
+    let reply = request(
+        proxy.addr,
+        "GET",
+        &archive,
+        &[("x-auth-token", secret), ("x-request-id", "logged-id-1")],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.signal("TERM");
+    tokio::task::spawn_blocking(move || {
+        proxy.wait_exit(Duration::from_secs(10));
+        proxy
+    })
+    .await
+    .map(|proxy| {
+        let logs = proxy.stderr();
+        assert!(!logs.is_empty());
+        assert!(!logs.contains(secret), "the token leaked into the logs");
+        let access: Vec<serde_json::Value> = logs
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|event| event["target"] == "oncegate::access")
+            .collect();
+        assert!(access.len() >= 7, "{logs}");
+        let refused = access
+            .iter()
+            .find(|e| e["request_id"] == "logged-id-1")
+            .expect("access event with the id");
+        for field in [
+            "method",
+            "path",
+            "status",
+            "duration_ms",
+            "bytes",
+            "archive",
+            "outcome",
+        ] {
+            assert!(!refused[field].is_null(), "{field} missing in {refused}");
+        }
+        assert_eq!(refused["outcome"], "refused_served");
+        assert_eq!(refused["archive"], "proj/inst/logged");
+        assert_eq!(refused["status"], 403);
+        let outcomes: Vec<&str> = access
+            .iter()
+            .filter_map(|e| e["outcome"].as_str())
+            .collect();
+        for outcome in ["served", "refused_served", "rejected", "released"] {
+            assert!(
+                outcomes.contains(&outcome),
+                "{outcome} not logged: {outcomes:?}"
+            );
+        }
+    })
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eight_concurrent_20_mib_downloads_stay_under_64_mib_resident() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Process::spawn(
+        dir.path(),
+        &embedded_config(&upstream, "[log]\nlevel = \"warn\"\n"),
+    );
+    let addr = proxy.addr;
+    let downloads: Vec<_> = (0..8)
+        .map(|i| {
+            tokio::spawn(async move { get(addr, &format!("{ARCHIVES}/big-20-mem{i}"), &[]).await })
+        })
+        .collect();
+    let mut peak = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while downloads.iter().any(|d| !d.is_finished()) && Instant::now() < deadline {
+        peak = peak.max(proxy.rss_kib());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for download in downloads {
+        let reply = download.await.unwrap();
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.body.len(), 20 * 1024 * 1024);
+    }
+    assert!(peak > 0, "RSS was never read");
+    assert!(peak < 64 * 1024, "peak resident memory {peak} KiB");
+    eprintln!("peak RSS during 8 x 20 MiB: {peak} KiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_demo_serves_an_archive_once() {
+    let (listen, admin) = (free_port(), free_port());
+    let mut child = Command::new(binary())
+        .args([
+            "demo",
+            "--listen",
+            &format!("127.0.0.1:{listen}"),
+            "--admin",
+            &format!("127.0.0.1:{admin}"),
+        ])
+        .env_remove("RUST_LOG")
+        .env("TMPDIR", tempfile::tempdir().unwrap().keep())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let printed = tokio::task::spawn_blocking(move || {
+        let mut text = String::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            text.push_str(&line);
+            text.push('\n');
+            if line.contains("Ctrl-C") {
+                break;
+            }
+        }
+        text
+    })
+    .await
+    .unwrap();
+    let url = printed
+        .split_whitespace()
+        .find(|word| word.contains("/assets/archives/"))
+        .expect("a download command")
+        .to_string();
+    let path = url
+        .trim_start_matches(&format!("http://127.0.0.1:{listen}"))
+        .to_string();
+    let addr = format!("127.0.0.1:{listen}").parse().unwrap();
+    let first = request(addr, "GET", &path, &[("x-auth-token", "demo-token")]).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert!(first.body.starts_with(b"PK\x03\x04"), "a zip");
+    let second = request(addr, "GET", &path, &[("x-auth-token", "demo-token")]).await;
+    assert_eq!(second.status, StatusCode::FORBIDDEN);
+    assert_eq!(second.error_code(), "ROMA.00000101");
+    assert!(printed.contains("curl"), "{printed}");
+    let _ = Command::new("kill")
+        .args(["-s", "INT", &child.id().to_string()])
+        .status();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
