@@ -1,0 +1,159 @@
+//! TLS on both sides: an HTTPS listener (HTTP/1.1 and HTTP/2 by ALPN) and an HTTPS upstream
+//! trusted through `upstream.ca_file`, with certificates made for the test.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::{BodyExt, Empty};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use support::*;
+
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// A CA and a certificate for localhost / 127.0.0.1 signed by it, as PEM files in `dir`.
+fn make_pki(dir: &Path) -> Pki {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let pki = Pki {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    std::fs::write(&pki.ca, ca.pem()).unwrap();
+    std::fs::write(&pki.cert, cert.pem()).unwrap();
+    std::fs::write(&pki.key, key.serialize_pem()).unwrap();
+    pki
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn acceptor(pki: &Pki) -> tokio_rustls::TlsAcceptor {
+    let certs = CertificateDer::pem_file_iter(&pki.cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&pki.key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+async fn https_get(ca: &Path, url: &str, http2: bool) -> (StatusCode, http::Version, Bytes) {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only();
+    let connector = if http2 {
+        builder.enable_http2().build()
+    } else {
+        builder.enable_http1().build()
+    };
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(http2)
+        .build::<_, Empty<Bytes>>(connector);
+    let request = http::Request::get(url)
+        .header("x-auth-token", TOKEN)
+        .body(Empty::new())
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let (status, version) = (response.status(), response.version());
+    (
+        status,
+        version,
+        response.into_body().collect().await.unwrap().to_bytes(),
+    )
+}
+
+#[tokio::test]
+async fn https_listener_serves_http1_and_http2() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let upstream = Upstream::start().await;
+    let mut config = config_for(&upstream.url(), "");
+    config.server.tls = Some(oncegate::config::TlsFiles {
+        cert: pki.cert.clone(),
+        key: pki.key.clone(),
+    });
+    let proxy = oncegate::start(config).await.unwrap();
+
+    let path = format!("{ARCHIVES}/tls1");
+    let (status, version, body) = https_get(
+        &pki.ca,
+        &format!("https://localhost:{}{path}", proxy.addr.port()),
+        false,
+    )
+    .await;
+    assert_eq!((status, version), (StatusCode::OK, http::Version::HTTP_11));
+    assert_eq!(body, body_for(&path));
+    assert_eq!(
+        upstream.hits("/tls1")[0].headers["x-forwarded-proto"],
+        "https"
+    );
+
+    let (status, version, _) = https_get(
+        &pki.ca,
+        &format!("https://127.0.0.1:{}{path}", proxy.addr.port()),
+        true,
+    )
+    .await;
+    assert_eq!(
+        (status, version),
+        (StatusCode::FORBIDDEN, http::Version::HTTP_2)
+    );
+}
+
+#[tokio::test]
+async fn https_upstream_is_trusted_through_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let upstream = Upstream::start_with_tls(Some(acceptor(&pki))).await;
+    let url = upstream.url().replace("127.0.0.1", "localhost");
+
+    // Without the CA the upstream's certificate is not trusted: 502, and nothing is consumed.
+    let untrusting = start_proxy_at(&url, "").await;
+    let path = format!("{ARCHIVES}/tls2");
+    let refused = get(untrusting.addr, &path, &[]).await;
+    assert_eq!(refused.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(refused.error_code(), "APIC.0202");
+
+    let mut config = config_for(&url, "");
+    config.upstream.ca_file = Some(pki.ca.clone());
+    let trusting = oncegate::start(config).await.unwrap();
+    let reply = get(trusting.addr, &path, &[]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body, body_for(&path));
+    assert_eq!(
+        upstream.hits("/tls2")[0].headers["host"],
+        upstream.addr.to_string().replace("127.0.0.1", "localhost")
+    );
+}
