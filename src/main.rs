@@ -102,10 +102,9 @@ fn run(config: Config, demo: Option<std::net::SocketAddr>) -> ExitCode {
             Err(e) => return fail(&e),
         };
         if let Some(upstream) = &demo_upstream {
-            println!(
-                "{}",
-                oncegate::demo::instructions(running.addr, running.admin_addr, upstream)
-            );
+            // A closed stdout (piped into `head`, say) must not stop the demo.
+            let text = oncegate::demo::instructions(running.addr, running.admin_addr, upstream);
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
         }
         signals.recv().await;
         tracing::info!("shutting down");
