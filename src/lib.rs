@@ -172,7 +172,7 @@ async fn wait_for(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;
 }
 
-/// Prunes rate-limit state and sweeps dead claims and expired records on timers.
+/// Prunes rate-limit state and sweeps records past retention on timers.
 fn spawn_housekeeping(
     ledger: Arc<dyn Ledger>,
     rate_limits: Arc<RateLimits>,

@@ -44,6 +44,15 @@ pub fn metrics_handle() -> PrometheusHandle {
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
             }
+            // Histogram samples pile up until drained: without upkeep they would grow without
+            // bound between two scrapes.
+            let upkeep = handle.clone();
+            let _ = std::thread::Builder::new()
+                .name("oncegate-metrics".into())
+                .spawn(move || loop {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                });
             describe();
             handle
         })

@@ -195,6 +195,9 @@ impl ClaimMap {
     /// always end them (commit, or release on drop), and an expired one is replaced by the next
     /// claim of its key.
     pub fn sweep(&self) -> Vec<String> {
+        if self.retention.is_none() {
+            return Vec::new();
+        }
         let wall = SystemTime::now();
         let mut expired_records = Vec::new();
         self.slots.retain(|key, slot| match slot {
