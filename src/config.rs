@@ -85,7 +85,15 @@ pub struct OnceConfig {
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
     Memory,
-    Embedded { path: PathBuf },
+    Embedded {
+        path: PathBuf,
+    },
+    /// Shared by replicas; `url` is `redis://`, `rediss://` (TLS) or `valkey://`, with
+    /// password / ACL user when needed.
+    Redis {
+        url: String,
+        key_prefix: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -667,11 +675,19 @@ fn validate_store(raw: &RawStore, check: &mut Checker<'_>) -> Option<StoreConfig
             Some(StoreConfig::Memory)
         }
         "redis" => {
-            check.problem(
-                "store.kind",
-                "\"redis\" is not supported by this version (use embedded or memory)",
-            );
-            None
+            unused(check, "store.path", raw.path.is_some());
+            let Some(url) = raw.url.as_deref().filter(|u| !u.is_empty()) else {
+                check.problem("store.url", "is required with store.kind = \"redis\"");
+                return None;
+            };
+            if let Err(e) = redis::Client::open(url) {
+                check.problem("store.url", format!("is not a Redis URL ({e})"));
+                return None;
+            }
+            Some(StoreConfig::Redis {
+                url: url.to_string(),
+                key_prefix: raw.key_prefix.clone().unwrap_or_else(|| "oncegate:".into()),
+            })
         }
         other => {
             check.problem(
@@ -755,12 +771,23 @@ mod tests {
     }
 
     #[test]
-    fn iam_and_redis_are_clear_errors() {
+    fn iam_is_a_clear_error_and_redis_needs_a_url() {
         let errors = load("[upstream]\nurl = \"http://a\"\n[auth]\nmode = \"iam\"\n").unwrap_err();
         assert!(errors.0[0].contains("auth.mode"), "{errors}");
         let errors =
             load("[upstream]\nurl = \"http://a\"\n[store]\nkind = \"redis\"\n").unwrap_err();
-        assert!(errors.0[0].contains("store.kind"), "{errors}");
+        assert!(errors.0[0].contains("store.url"), "{errors}");
+        let errors =
+            load("[upstream]\nurl = \"http://a\"\n[store]\nkind = \"redis\"\nurl = \"http://x\"\n")
+                .unwrap_err();
+        assert!(errors.0[0].contains("store.url"), "{errors}");
+        let config = load(
+            "[upstream]\nurl = \"http://a\"\n[store]\nkind = \"redis\"\nurl = \"rediss://user:pw@h:6380/0\"\n",
+        )
+        .unwrap();
+        assert!(
+            matches!(config.store, StoreConfig::Redis { ref key_prefix, .. } if key_prefix == "oncegate:")
+        );
     }
 
     #[test]

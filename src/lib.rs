@@ -28,6 +28,7 @@ use crate::layers::once::OncePolicy;
 use crate::layers::rate_limit::RateLimits;
 use crate::ledger::embedded::EmbeddedLedger;
 use crate::ledger::memory::MemoryLedger;
+use crate::ledger::redis::RedisLedger;
 use crate::ledger::Ledger;
 use crate::upstream::Upstream;
 
@@ -107,6 +108,10 @@ pub async fn start(config: Config) -> Result<Running, String> {
                     .map_err(|e| e.to_string())?;
             Arc::new(opened.map_err(|e| format!("store.path: {e}"))?)
         }
+        StoreConfig::Redis { url, key_prefix } => Arc::new(
+            RedisLedger::new(url, key_prefix, config.once.retention)
+                .map_err(|e| format!("store.url: {e}"))?,
+        ),
     };
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;

@@ -1,9 +1,10 @@
 //! The download ledger: who holds a claim on an archive key and which keys were served.
-//! One trait, several stores: `memory` (tests, dev), `embedded` (durable redb file, the default).
+//! One trait; stores: `memory` (tests), `embedded` (redb file, default), `redis` (shared by replicas).
 
 mod claims;
 pub mod embedded;
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -1,0 +1,322 @@
+//! The `redis` ledger: replicas share one Redis (or Valkey), so exactly one of them serves an
+//! archive. Claims are `SET NX PX` with a random ticket; renew, commit and release are Lua
+//! compare-and-set scripts on that ticket. Served keys are cached locally for a bounded time and
+//! dropped on any replica as soon as a reset is published.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Script, Value};
+
+use super::{ClaimOutcome, KeyState, Ledger, LedgerError, ResetOutcome, ServedRecord, Ticket};
+
+/// How long a replica trusts its cached "served" without asking Redis again: the longest a
+/// replica can refuse an archive after a reset on another if the reset message is lost.
+pub const SERVED_CACHE_TTL: Duration = Duration::from_secs(5);
+/// Every Redis command gives up after this, so the archive route fails closed quickly.
+const COMMAND_TIMEOUT: Duration = Duration::from_millis(1500);
+
+const CLAIM: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return redis.call('GET', KEYS[1])
+";
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+";
+// ARGV[3]: retention in ms, 0 = keep forever.
+const COMMIT: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+return 1
+";
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+// 1: reset (and published), 2: in flight, 0: unseen.
+const RESET: &str = r"
+local value = redis.call('GET', KEYS[1])
+if not value then return 0 end
+if string.sub(value, 1, 2) == 's:' then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', KEYS[2], ARGV[1])
+  return 1
+end
+return 2
+";
+
+struct Scripts {
+    claim: Script,
+    renew: Script,
+    commit: Script,
+    release: Script,
+    reset: Script,
+}
+
+pub struct RedisLedger {
+    connection: ConnectionManager,
+    prefix: String,
+    retention: Option<Duration>,
+    scripts: Scripts,
+    /// Served keys only, each until the instant it must be asked about again.
+    served: Arc<DashMap<String, (Arc<ServedRecord>, Instant)>>,
+    subscriber: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RedisLedger {
+    fn drop(&mut self) {
+        self.subscriber.abort();
+    }
+}
+
+impl RedisLedger {
+    /// Prepares the connection (made lazily and re-made after failures) and the reset listener.
+    /// Starting does not need Redis to be up: until it is, the archive route answers 503.
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        retention: Option<Duration>,
+    ) -> Result<RedisLedger, LedgerError> {
+        let client =
+            Client::open(url).map_err(|e| LedgerError::Unavailable(format!("store.url: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| LedgerError::Unavailable(e.to_string()))?;
+        let served = Arc::new(DashMap::new());
+        let channel = format!("{prefix}resets");
+        let subscriber = tokio::spawn(listen_for_resets(client, channel, served.clone()));
+        Ok(RedisLedger {
+            connection,
+            prefix: prefix.to_string(),
+            retention,
+            scripts: Scripts {
+                claim: Script::new(CLAIM),
+                renew: Script::new(RENEW),
+                commit: Script::new(COMMIT),
+                release: Script::new(RELEASE),
+                reset: Script::new(RESET),
+            },
+            served,
+            subscriber,
+        })
+    }
+
+    fn redis_key(&self, key: &str) -> String {
+        format!("{}k:{}", self.prefix, key)
+    }
+
+    fn ticket_value(ticket: &Ticket) -> String {
+        format!("c:{:016x}", ticket.id)
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T, LedgerError> {
+        let mut connection = self.connection.clone();
+        match tokio::time::timeout(COMMAND_TIMEOUT, invocation.invoke_async(&mut connection)).await
+        {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(LedgerError::Unavailable(e.to_string())),
+            Err(_) => Err(LedgerError::Unavailable(
+                "redis did not answer in time".into(),
+            )),
+        }
+    }
+
+    fn cache_served(&self, key: &str, record: Arc<ServedRecord>) {
+        let mut until = Instant::now() + SERVED_CACHE_TTL;
+        if let Some(retention) = self.retention {
+            let left = (record.served_at() + retention)
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            until = until.min(Instant::now() + left);
+        }
+        self.served.insert(key.to_string(), (record, until));
+    }
+
+    fn cached(&self, key: &str) -> Option<Arc<ServedRecord>> {
+        let entry = self.served.get(key)?;
+        let (record, until) = entry.value();
+        (*until > Instant::now()).then(|| record.clone())
+    }
+
+    fn parse_state(key: &str, value: Option<String>) -> KeyState {
+        match value {
+            None => KeyState::Unseen,
+            Some(value) => {
+                match value.strip_prefix("s:") {
+                    Some(json) => KeyState::Served(Arc::new(
+                        serde_json::from_str(json).unwrap_or_else(|_| ServedRecord {
+                            key: key.to_string(),
+                            served_at_ms: super::now_ms(),
+                            request_id: String::new(),
+                            bytes: 0,
+                            client: String::new(),
+                            token_sha256_prefix: String::new(),
+                        }),
+                    )),
+                    None => KeyState::InFlight,
+                }
+            }
+        }
+    }
+}
+
+/// Drops cached keys when any replica resets them. While the subscription is down nothing is
+/// heard, so the whole cache is dropped whenever it (re)starts; entries also expire by themselves.
+async fn listen_for_resets(
+    client: Client,
+    channel: String,
+    served: Arc<DashMap<String, (Arc<ServedRecord>, Instant)>>,
+) {
+    loop {
+        if let Ok(Ok(mut pubsub)) =
+            tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub()).await
+        {
+            if pubsub.subscribe(&channel).await.is_ok() {
+                served.clear();
+                let mut messages = pubsub.on_message();
+                while let Some(message) = messages.next().await {
+                    if let Ok(key) = message.get_payload::<String>() {
+                        served.remove(&key);
+                    }
+                }
+            }
+        }
+        served.clear();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[async_trait]
+impl Ledger for RedisLedger {
+    async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, LedgerError> {
+        if let Some(record) = self.cached(key) {
+            return Ok(ClaimOutcome::Served(record));
+        }
+        let ticket = Ticket {
+            key: key.to_string(),
+            id: rand::random(),
+        };
+        let redis_key = self.redis_key(key);
+        let lease_ms = lease.as_millis().max(1) as u64;
+        let mut invocation = self.scripts.claim.prepare_invoke();
+        invocation
+            .key(&redis_key)
+            .arg(Self::ticket_value(&ticket))
+            .arg(lease_ms);
+        match self.run::<Value>(invocation).await? {
+            Value::Int(1) => Ok(ClaimOutcome::Claimed(ticket)),
+            other => {
+                let value: Option<String> = redis::from_redis_value(other).unwrap_or(None);
+                match Self::parse_state(key, value) {
+                    KeyState::Served(record) => {
+                        self.cache_served(key, record.clone());
+                        Ok(ClaimOutcome::Served(record))
+                    }
+                    // Gone between the two commands of the script cannot happen (it is atomic);
+                    // an unreadable value counts as held.
+                    KeyState::InFlight | KeyState::Unseen => Ok(ClaimOutcome::InFlight),
+                }
+            }
+        }
+    }
+
+    async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<(), LedgerError> {
+        let mut invocation = self.scripts.renew.prepare_invoke();
+        invocation
+            .key(self.redis_key(&ticket.key))
+            .arg(Self::ticket_value(ticket))
+            .arg(lease.as_millis().max(1) as u64);
+        match self.run::<i64>(invocation).await? {
+            1 => Ok(()),
+            _ => Err(LedgerError::LostClaim(ticket.key.clone())),
+        }
+    }
+
+    async fn commit(&self, ticket: &Ticket, record: ServedRecord) -> Result<(), LedgerError> {
+        let json =
+            serde_json::to_string(&record).map_err(|e| LedgerError::Unavailable(e.to_string()))?;
+        let retention_ms = self.retention.map_or(0, |r| r.as_millis().max(1) as u64);
+        let mut invocation = self.scripts.commit.prepare_invoke();
+        invocation
+            .key(self.redis_key(&ticket.key))
+            .arg(Self::ticket_value(ticket))
+            .arg(format!("s:{json}"))
+            .arg(retention_ms);
+        match self.run::<i64>(invocation).await? {
+            1 => {
+                self.cache_served(&ticket.key, Arc::new(record));
+                Ok(())
+            }
+            _ => Err(LedgerError::LostClaim(ticket.key.clone())),
+        }
+    }
+
+    async fn release(&self, ticket: &Ticket) -> Result<(), LedgerError> {
+        let mut invocation = self.scripts.release.prepare_invoke();
+        invocation
+            .key(self.redis_key(&ticket.key))
+            .arg(Self::ticket_value(ticket));
+        self.run::<i64>(invocation).await.map(|_| ())
+    }
+
+    async fn lookup(&self, key: &str) -> Result<KeyState, LedgerError> {
+        let mut connection = self.connection.clone();
+        let mut command = redis::cmd("GET");
+        command.arg(self.redis_key(key));
+        let get = command.query_async::<Option<String>>(&mut connection);
+        match tokio::time::timeout(COMMAND_TIMEOUT, get).await {
+            Ok(Ok(value)) => Ok(Self::parse_state(key, value)),
+            Ok(Err(e)) => Err(LedgerError::Unavailable(e.to_string())),
+            Err(_) => Err(LedgerError::Unavailable(
+                "redis did not answer in time".into(),
+            )),
+        }
+    }
+
+    async fn reset(&self, key: &str) -> Result<ResetOutcome, LedgerError> {
+        let mut invocation = self.scripts.reset.prepare_invoke();
+        invocation
+            .key(self.redis_key(key))
+            .key(format!("{}resets", self.prefix))
+            .arg(key);
+        let outcome = match self.run::<i64>(invocation).await? {
+            1 => ResetOutcome::Reset,
+            2 => ResetOutcome::InFlight,
+            _ => ResetOutcome::Unseen,
+        };
+        self.served.remove(key);
+        Ok(outcome)
+    }
+
+    async fn ready(&self) -> bool {
+        let mut connection = self.connection.clone();
+        let command = redis::cmd("PING");
+        let ping = command.query_async::<String>(&mut connection);
+        matches!(tokio::time::timeout(COMMAND_TIMEOUT, ping).await, Ok(Ok(_)))
+    }
+
+    async fn sweep(&self) {
+        let now = Instant::now();
+        self.served.retain(|_, (_, until)| *until > now);
+    }
+
+    async fn flush(&self) -> Result<(), LedgerError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,247 @@
+//! Several replicas sharing one real Redis: download-once across replicas, lease expiry after a
+//! replica dies, renewal, resets seen everywhere, failing closed and recovering.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use support::*;
+
+fn redis_extra(redis: &RedisServer, once: &str) -> String {
+    format!(
+        "[store]\nkind = \"redis\"\nurl = \"{}\"\nkey_prefix = \"t:\"\n{once}",
+        redis.url()
+    )
+}
+
+fn archive(id: &str) -> String {
+    format!("{ARCHIVES}/{id}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_one_of_200_requests_across_two_replicas_is_served() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let a = start_proxy(&upstream, &redis_extra(&redis, "")).await;
+    let b = start_proxy(&upstream, &redis_extra(&redis, "")).await;
+    let path = archive("slow-300-shared");
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let addr = if i % 2 == 0 { a.addr } else { b.addr };
+            let path = path.clone();
+            tokio::spawn(async move { get(addr, &path, &[]).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for task in tasks {
+        let reply = task.await.unwrap();
+        match reply.status {
+            StatusCode::OK => ok += 1,
+            StatusCode::CONFLICT => assert_eq!(reply.error_code(), "ROMA.00000102"),
+            StatusCode::FORBIDDEN => assert_eq!(reply.error_code(), "ROMA.00000101"),
+            other => panic!("unexpected {other}: {:?}", reply.body),
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(upstream.hits("slow-300-shared").len(), 1);
+
+    // Served on A: refused on B, then from B's cache without asking Redis.
+    assert_eq!(
+        get(a.addr, &archive("x1"), &[]).await.status,
+        StatusCode::OK
+    );
+    for _ in 0..2 {
+        let reply = get(b.addr, &archive("X1"), &[]).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN);
+        assert_eq!(reply.error_code(), "ROMA.00000101");
+    }
+    match b.ledger.lookup("proj/inst/x1").await.unwrap() {
+        oncegate::ledger::KeyState::Served(record) => {
+            assert_eq!(record.bytes, body_for(&archive("x1")).len() as u64)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_on_one_replica_is_seen_by_the_others() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    std::env::set_var("ONCEGATE_TEST_REDIS_ADMIN", "adm");
+    let config = |upstream: &Upstream| {
+        let mut config = config_for(&upstream.url(), &redis_extra(&redis, ""));
+        config.admin.token_env = Some("ONCEGATE_TEST_REDIS_ADMIN".into());
+        config
+    };
+    let a = oncegate::start(config(&upstream)).await.unwrap();
+    let b = oncegate::start(config(&upstream)).await.unwrap();
+    let path = archive("again");
+    assert_eq!(get(a.addr, &path, &[]).await.status, StatusCode::OK);
+    assert_eq!(
+        get(b.addr, &path, &[]).await.status,
+        StatusCode::FORBIDDEN,
+        "B caches the served key"
+    );
+    let reset = request(
+        a.admin_addr,
+        "DELETE",
+        "/archives/proj/inst/again",
+        &[("authorization", "Bearer adm")],
+    )
+    .await;
+    assert_eq!(reset.status, StatusCode::OK);
+    // Well under the cache lifetime: B heard the reset.
+    let started = Instant::now();
+    loop {
+        let reply = get(b.addr, &path, &[]).await;
+        if reply.status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "B still refuses after a reset"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_of_a_killed_replica_expires_after_the_lease() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\n[upstream]\nurl = \"{}\"\n[admin]\nlisten = \"{{admin}}\"\n{}",
+        upstream.url(),
+        redis_extra(&redis, "[once]\ninflight_lease = \"1s\"\n")
+    );
+    let doomed = Process::spawn(dir.path(), &config);
+    let survivor = start_proxy(
+        &upstream,
+        &redis_extra(&redis, "[once]\ninflight_lease = \"1s\"\n"),
+    )
+    .await;
+    let path = archive("trickle-200-orphan");
+    // Killed mid-transfer: the replica cannot release its claim.
+    let transfer = tokio::spawn({
+        let (addr, path) = (doomed.addr, path.clone());
+        async move { get(addr, &path, &[]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    doomed.signal("KILL");
+    let cut = transfer.await.unwrap();
+    assert_eq!(cut.status, StatusCode::OK);
+    assert!(cut.body.len() < 8 * 64 * 1024, "the transfer was not cut");
+    let killed_at = Instant::now();
+    assert_eq!(
+        get(survivor.addr, &path, &[]).await.status,
+        StatusCode::CONFLICT,
+        "the dead claim still holds"
+    );
+    loop {
+        let reply = get(survivor.addr, &path, &[]).await;
+        if reply.status == StatusCode::OK {
+            assert_eq!(reply.body.len(), 8 * 64 * 1024);
+            break;
+        }
+        assert_eq!(reply.status, StatusCode::CONFLICT);
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(5),
+            "the claim never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        killed_at.elapsed() >= Duration::from_millis(500),
+        "taken over before the lease ran out"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lease_renewal_keeps_a_long_transfer_from_being_taken_over() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let once = "[once]\ninflight_lease = \"400ms\"\n";
+    let a = start_proxy(&upstream, &redis_extra(&redis, once)).await;
+    let b = start_proxy(&upstream, &redis_extra(&redis, once)).await;
+    let path = archive("trickle-200-renewed");
+    let long = tokio::spawn({
+        let (addr, path) = (a.addr, path.clone());
+        async move { get(addr, &path, &[]).await }
+    });
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(
+            get(b.addr, &path, &[]).await.status,
+            StatusCode::CONFLICT,
+            "taken over mid-way"
+        );
+    }
+    let done = long.await.unwrap();
+    assert_eq!(done.status, StatusCode::OK);
+    assert_eq!(done.body.len(), 8 * 64 * 1024);
+    assert_eq!(get(b.addr, &path, &[]).await.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_redis_the_archive_route_fails_closed_and_recovers() {
+    let mut redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let proxy = start_proxy(&upstream, &redis_extra(&redis, "")).await;
+    assert_eq!(
+        get(proxy.addr, &archive("before"), &[]).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        request(proxy.admin_addr, "GET", "/readyz", &[])
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    redis.stop();
+    let refused = get(proxy.addr, &archive("during"), &[]).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.error_code(), "APIC.9000");
+    assert!(
+        upstream.hits("/during").is_empty(),
+        "forwarded without a claim"
+    );
+    assert_eq!(
+        get(proxy.addr, "/v2/proj/jobs/1", &[]).await.status,
+        StatusCode::OK,
+        "other routes keep working"
+    );
+    assert_eq!(
+        request(proxy.admin_addr, "GET", "/readyz", &[])
+            .await
+            .status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    redis.restart();
+    let started = Instant::now();
+    loop {
+        let reply = get(proxy.addr, &archive("after"), &[]).await;
+        if reply.status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never reconnected"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        request(proxy.admin_addr, "GET", "/readyz", &[])
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(proxy.addr, &archive("after"), &[]).await.status,
+        StatusCode::FORBIDDEN
+    );
+}
