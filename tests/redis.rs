@@ -245,3 +245,45 @@ async fn without_redis_the_archive_route_fails_closed_and_recovers() {
         StatusCode::FORBIDDEN
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn password_and_acl_user_urls_work() {
+    let redis = RedisServer::start_with(&[
+        "--requirepass",
+        "s3cret",
+        "--user",
+        "gate",
+        "on",
+        ">gatepw",
+        "~*",
+        "&*",
+        "+@all",
+    ]);
+    let upstream = Upstream::start().await;
+    for url in [
+        format!("redis://:s3cret@127.0.0.1:{}", redis.port),
+        format!("redis://gate:gatepw@127.0.0.1:{}/0", redis.port),
+    ] {
+        let extra = format!("[store]\nkind = \"redis\"\nurl = \"{url}\"\n");
+        let proxy = start_proxy(&upstream, &extra).await;
+        let path = archive(&format!("pw-{}", url.len()));
+        assert_eq!(
+            get(proxy.addr, &path, &[]).await.status,
+            StatusCode::OK,
+            "{url}"
+        );
+        assert_eq!(
+            get(proxy.addr, &path, &[]).await.status,
+            StatusCode::FORBIDDEN,
+            "{url}"
+        );
+    }
+    let wrong = format!(
+        "[store]\nkind = \"redis\"\nurl = \"redis://:nope@127.0.0.1:{}\"\n",
+        redis.port
+    );
+    let proxy = start_proxy(&upstream, &wrong).await;
+    let refused = get(proxy.addr, &archive("pw-wrong"), &[]).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.error_code(), "APIC.9000");
+}

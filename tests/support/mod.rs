@@ -481,13 +481,21 @@ pub async fn start_proxy_at(upstream_url: &str, extra: &str) -> oncegate::Runnin
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    extra_args: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// With extra `redis-server` arguments, e.g. `["--requirepass", "pw"]`.
+    pub fn start_with(extra_args: &[&str]) -> RedisServer {
+        let extra_args = extra_args.iter().map(|a| a.to_string()).collect();
         let mut server = RedisServer {
             port: free_port(),
             child: None,
+            extra_args,
         };
         server.restart();
         server
@@ -501,23 +509,14 @@ impl RedisServer {
     pub fn restart(&mut self) {
         let binary =
             std::env::var("ONCEGATE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let port = self.port.to_string();
         let child = Command::new(&binary)
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start {binary} ({e}); install Debian's redis-server (.ci/run does)")
-            });
+            .unwrap_or_else(|e| panic!("cannot start {binary} ({e}); install Debian's redis-server (scripts/test does)"));
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
