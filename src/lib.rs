@@ -88,6 +88,8 @@ fn admin_token(config: &Config) -> Result<Option<String>, String> {
 
 /// Binds both listeners, opens the ledger and starts serving. Any failure leaves nothing running.
 pub async fn start(config: Config) -> Result<Running, String> {
+    // One crypto provider for every TLS user in the process (listener, upstream, Redis).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let metrics = telemetry::metrics_handle();
     let listener = server::bind(config.server.listen, "server.listen").await?;
     let admin_listener = server::bind(config.admin.listen, "admin.listen").await?;

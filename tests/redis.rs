@@ -287,3 +287,41 @@ async fn password_and_acl_user_urls_work() {
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(refused.error_code(), "APIC.9000");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rediss_urls_speak_tls_with_the_system_trust_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let tls_port = free_port().to_string();
+    let (cert, key, ca) = (
+        pki.cert.to_str().unwrap(),
+        pki.key.to_str().unwrap(),
+        pki.ca.to_str().unwrap(),
+    );
+    let redis = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        cert,
+        "--tls-key-file",
+        key,
+        "--tls-ca-cert-file",
+        ca,
+        "--tls-auth-clients",
+        "no",
+    ]);
+    // The system trust store is where operators add a private CA; rustls-native-certs reads
+    // SSL_CERT_FILE first. Only this test's Redis connections use TLS in this process.
+    std::env::set_var("SSL_CERT_FILE", &pki.ca);
+    let upstream = Upstream::start().await;
+    let extra = format!("[store]\nkind = \"redis\"\nurl = \"rediss://localhost:{tls_port}\"\n");
+    let proxy = start_proxy(&upstream, &extra).await;
+    let path = archive("over-tls");
+    let first = get(proxy.addr, &path, &[]).await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+    assert_eq!(
+        get(proxy.addr, &path, &[]).await.status,
+        StatusCode::FORBIDDEN
+    );
+    drop(redis);
+}
