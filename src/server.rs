@@ -24,6 +24,8 @@ use crate::net::ConnInfo;
 
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest request header block accepted over HTTP/2 (HTTP/1 allows about 400 KiB).
+const MAX_HEADER_LIST: u32 = 256 * 1024;
 /// How long a TLS handshake may take.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -74,7 +76,11 @@ pub async fn serve<S>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+    // Tokens may be 100000 characters (SPEC §1): HTTP/2's default 16 KiB header list is too small.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_LIST);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);

@@ -685,11 +685,11 @@ async fn http2_clients_are_served() {
         .http2_only(true)
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
     let path = archive("h2");
-    let request = http::Request::get(format!("http://{}{path}", proxy.addr))
+    let first = http::Request::get(format!("http://{}{path}", proxy.addr))
         .header("x-auth-token", TOKEN)
         .body(http_body_util::Empty::new())
         .unwrap();
-    let response = client.request(request).await.unwrap();
+    let response = client.request(first).await.unwrap();
     assert_eq!(response.version(), http::Version::HTTP_2);
     assert_eq!(response.status(), StatusCode::OK);
     let body = http_body_util::BodyExt::collect(response.into_body())
@@ -701,6 +701,22 @@ async fn http2_clients_are_served() {
         get(proxy.addr, &path, &[]).await.status,
         StatusCode::FORBIDDEN
     );
+
+    // The longest token the API allows fits through both protocols.
+    let long_token = "t".repeat(100_000);
+    let long = http::Request::get(format!("http://{}{}", proxy.addr, archive("h2-long")))
+        .header("x-auth-token", long_token.as_str())
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    assert_eq!(client.request(long).await.unwrap().status(), StatusCode::OK);
+    let h1 = request(
+        proxy.addr,
+        "GET",
+        &archive("h1-long"),
+        &[("x-auth-token", long_token.as_str())],
+    )
+    .await;
+    assert_eq!(h1.status, StatusCode::OK);
 }
 
 async fn wait_until<F, Fut>(mut check: F)
