@@ -13,7 +13,7 @@ use subtle::ConstantTimeEq;
 
 use crate::body::{self, ProxyBody};
 use crate::error::set_no_store;
-use crate::layers::request_id::{is_valid_request_id, HexRequestId};
+use crate::layers::request_id::request_id_of;
 use crate::ledger::{KeyState, Ledger, ResetOutcome};
 use crate::route::{ArchiveKey, RouteTemplate};
 
@@ -78,7 +78,7 @@ impl Admin {
                 json_response(StatusCode::OK, json!({"state": state, "record": record}))
             }),
             Method::DELETE => self.ledger.reset(key.as_str()).await.map(|outcome| {
-                let id = request_id(request);
+                let id = request_id_of(request);
                 let (status, state) = match outcome {
                     ResetOutcome::Reset => (StatusCode::OK, "unseen"),
                     ResetOutcome::Unseen => (StatusCode::OK, "unseen"),
@@ -111,7 +111,9 @@ impl Admin {
             .headers()
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token);
         match presented {
             None => Some(json_response(
                 StatusCode::UNAUTHORIZED,
@@ -164,22 +166,6 @@ fn describe(state: &KeyState) -> (&'static str, serde_json::Value) {
             }),
         ),
     }
-}
-
-fn request_id(request: &Request<Incoming>) -> String {
-    request
-        .headers()
-        .get("x-request-id")
-        .map(HeaderValue::as_bytes)
-        .filter(|id| is_valid_request_id(id))
-        .and_then(|id| std::str::from_utf8(id).ok().map(str::to_string))
-        .unwrap_or_else(|| {
-            use tower_http::request_id::MakeRequestId;
-            HexRequestId
-                .make_request_id(request)
-                .and_then(|id| id.header_value().to_str().ok().map(str::to_string))
-                .unwrap_or_default()
-        })
 }
 
 fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<ProxyBody> {

@@ -164,8 +164,22 @@ impl Config {
     /// Parses and validates TOML text; `base` is the folder relative paths are resolved against.
     pub fn from_toml(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
         let mut problems = Vec::new();
-        let raw = parse_raw(text, &mut problems);
-        let config = raw.and_then(|raw| validate(raw, base, &mut problems));
+        let Some((raw, unreadable)) = parse_raw(text, &mut problems) else {
+            return Err(ConfigErrors(problems));
+        };
+        let parsed = problems.len();
+        let config = validate(raw, base, &mut problems);
+        // A section that could not be read was validated from its defaults: what that says
+        // about it is noise next to the real problem already reported.
+        let mut index = 0;
+        problems.retain(|problem| {
+            index += 1;
+            index <= parsed
+                || !unreadable.iter().any(|section| {
+                    problem.starts_with(&format!("{section}."))
+                        || problem.starts_with(&format!("{section}["))
+                })
+        });
         match config {
             Some(config) if problems.is_empty() => Ok(config),
             _ => Err(ConfigErrors(problems)),
@@ -173,41 +187,94 @@ impl Config {
     }
 }
 
-fn parse_raw(text: &str, problems: &mut Vec<String>) -> Option<RawConfig> {
-    let deserializer = match toml::Deserializer::parse(text) {
-        Ok(deserializer) => deserializer,
+/// Reads the file section by section, so one wrong value does not hide the problems of the
+/// other sections; unknown keys are collected everywhere.
+/// Returns the sections as read (defaults where unreadable) and the names of unreadable ones.
+fn parse_raw(text: &str, problems: &mut Vec<String>) -> Option<(RawConfig, Vec<String>)> {
+    let table: toml::Table = match text.parse() {
+        Ok(table) => table,
         Err(e) => {
-            problems.push(describe_toml_error(text, &e, None));
+            problems.push(describe_toml_error(text, &e));
             return None;
+        }
+    };
+    let mut raw = RawConfig::default();
+    let mut unreadable = Vec::new();
+    for (name, value) in table {
+        let ok = match name.as_str() {
+            "server" => read_section(&name, value, &mut raw.server, problems),
+            "upstream" => read_section(&name, value, &mut raw.upstream, problems),
+            "auth" => read_section(&name, value, &mut raw.auth, problems),
+            "once" => read_section(&name, value, &mut raw.once, problems),
+            "store" => read_section(&name, value, &mut raw.store, problems),
+            "rate_limit" => read_section(&name, value, &mut raw.rate_limit, problems),
+            "trace" => read_section(&name, value, &mut raw.trace, problems),
+            "log" => read_section(&name, value, &mut raw.log, problems),
+            "admin" => read_section(&name, value, &mut raw.admin, problems),
+            _ => {
+                problems.push(format!("{name}: unknown key"));
+                true
+            }
+        };
+        if !ok {
+            unreadable.push(name);
+        }
+    }
+    Some((raw, unreadable))
+}
+
+/// Deserializes one top-level section into `slot`; false (and a problem naming the key) when a
+/// value has the wrong type.
+fn read_section<T: serde::de::DeserializeOwned>(
+    name: &str,
+    value: toml::Value,
+    slot: &mut T,
+    problems: &mut Vec<String>,
+) -> bool {
+    let join = |path: String| {
+        if path.is_empty() || path == "." {
+            name.to_string()
+        } else if path.starts_with('[') {
+            format!("{name}{path}")
+        } else {
+            format!("{name}.{path}")
         }
     };
     let mut unknown = Vec::new();
     let mut track = serde_path_to_error::Track::new();
     let result = serde_ignored::deserialize(
-        serde_path_to_error::Deserializer::new(deserializer, &mut track),
+        serde_path_to_error::Deserializer::new(value, &mut track),
         |path| unknown.push(path.to_string()),
     );
-    problems.extend(unknown.iter().map(|key| format!("{key}: unknown key")));
+    problems.extend(
+        unknown
+            .into_iter()
+            .map(|key| format!("{}: unknown key", join(key))),
+    );
     match result {
-        Ok(raw) => Some(raw),
+        Ok(parsed) => {
+            *slot = parsed;
+            true
+        }
         Err(e) => {
-            let key = track.path().to_string();
-            problems.push(describe_toml_error(text, &e, Some(&key)));
-            None
+            problems.push(format!(
+                "{}: {}",
+                join(track.path().to_string()),
+                e.message().trim()
+            ));
+            false
         }
     }
 }
 
-fn describe_toml_error(text: &str, error: &toml::de::Error, key: Option<&str>) -> String {
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
     let line = error
         .span()
         .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
     let message = error.message().trim();
-    match (key.filter(|k| !k.is_empty() && *k != "."), line) {
-        (Some(key), Some(line)) => format!("{key}: {message} (line {line})"),
-        (Some(key), None) => format!("{key}: {message}"),
-        (None, Some(line)) => format!("invalid TOML at line {line}: {message}"),
-        (None, None) => format!("invalid TOML: {message}"),
+    match line {
+        Some(line) => format!("invalid TOML at line {line}: {message}"),
+        None => format!("invalid TOML: {message}"),
     }
 }
 
@@ -289,7 +356,7 @@ struct RawToken {
 #[serde(default)]
 struct RawOnce {
     route: String,
-    commit: CommitMode,
+    commit: String,
     fold_case: bool,
     inflight_lease: String,
     retention: String,
@@ -299,7 +366,7 @@ impl Default for RawOnce {
     fn default() -> Self {
         RawOnce {
             route: DEFAULT_ROUTE.into(),
-            commit: CommitMode::Complete,
+            commit: "complete".into(),
             fold_case: true,
             inflight_lease: "10m".into(),
             retention: "0s".into(),
@@ -322,7 +389,7 @@ struct RawStore {
 
 #[derive(Debug, Deserialize)]
 struct RawRateLimit {
-    key: RateKey,
+    key: String,
     per_second: f64,
     burst: u32,
 }
@@ -344,14 +411,14 @@ impl Default for RawTrace {
 #[derive(Debug, Deserialize)]
 #[serde(default)]
 struct RawLog {
-    format: LogFormat,
+    format: String,
     level: String,
 }
 
 impl Default for RawLog {
     fn default() -> Self {
         RawLog {
-            format: LogFormat::Json,
+            format: "json".into(),
             level: "info".into(),
         }
     }
@@ -402,6 +469,19 @@ impl Checker<'_> {
             self.problem(key, "must be greater than 0");
         }
         duration
+    }
+
+    /// One of a fixed set of words.
+    fn choice<T: Copy>(&mut self, key: &str, value: &str, options: &[(&str, T)]) -> Option<T> {
+        let found = options
+            .iter()
+            .find(|(name, _)| *name == value)
+            .map(|(_, v)| *v);
+        if found.is_none() {
+            let names: Vec<&str> = options.iter().map(|(name, _)| *name).collect();
+            self.problem(key, format!("{value:?} is not one of {}", names.join(", ")));
+        }
+        found
     }
 
     fn socket_addr(&mut self, key: &str, value: &str) -> SocketAddr {
@@ -474,9 +554,17 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Option<C
         .map_err(|e| check.problem("once.route", e))
         .ok();
     let retention = check.duration("once.retention", &raw.once.retention);
-    let once = route.map(|route| OnceConfig {
+    let commit = check.choice(
+        "once.commit",
+        &raw.once.commit,
+        &[
+            ("complete", CommitMode::Complete),
+            ("headers", CommitMode::Headers),
+        ],
+    );
+    let once = route.zip(commit).map(|(route, commit)| OnceConfig {
         route,
-        commit: raw.once.commit,
+        commit,
         fold_case: raw.once.fold_case,
         inflight_lease: check.positive_duration("once.inflight_lease", &raw.once.inflight_lease),
         retention: (!retention.is_zero()).then_some(retention),
@@ -490,6 +578,15 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Option<C
         .enumerate()
         .filter_map(|(i, limit)| {
             let key = format!("rate_limit[{i}]");
+            let kind = check.choice(
+                &format!("{key}.key"),
+                &limit.key,
+                &[
+                    ("ip", RateKey::Ip),
+                    ("token", RateKey::Token),
+                    ("global", RateKey::Global),
+                ],
+            );
             if !(limit.per_second.is_finite() && limit.per_second > 0.0) {
                 check.problem(
                     &format!("{key}.per_second"),
@@ -502,7 +599,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Option<C
                 return None;
             }
             Some(RateLimitConfig {
-                key: limit.key,
+                key: kind?,
                 period: Duration::from_secs_f64(1.0 / limit.per_second)
                     .max(Duration::from_nanos(1)),
                 burst: limit.burst,
@@ -510,6 +607,11 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Option<C
         })
         .collect();
 
+    let log_format = check.choice(
+        "log.format",
+        &raw.log.format,
+        &[("json", LogFormat::Json), ("pretty", LogFormat::Pretty)],
+    );
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
         check.problem(
             "log.level",
@@ -536,7 +638,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Option<C
             trust_incoming: raw.trace.trust_incoming,
         },
         log: LogConfig {
-            format: raw.log.format,
+            format: log_format?,
             level: raw.log.level,
         },
         admin,
@@ -590,16 +692,9 @@ fn validate_upstream(raw: &RawUpstream, check: &mut Checker<'_>) -> Option<Upstr
 
 fn validate_auth(raw: RawAuth, check: &mut Checker<'_>) -> Option<AuthConfig> {
     let mode = raw.mode.as_deref().unwrap_or("presence");
-    if raw.iam.is_some() && mode != "iam" {
-        check.problem("auth.iam", "is only used with auth.mode = \"iam\"");
-    }
     match mode {
-        "presence" => {
-            if !raw.tokens.is_empty() {
-                check.problem("auth.tokens", "is only used with auth.mode = \"static\"");
-            }
-            Some(AuthConfig::Presence)
-        }
+        // Keys another mode would use (tokens, iam) are ignored, like the commented examples.
+        "presence" => Some(AuthConfig::Presence),
         "static" => {
             if raw.tokens.is_empty() {
                 check.problem(
@@ -651,15 +746,9 @@ fn validate_auth(raw: RawAuth, check: &mut Checker<'_>) -> Option<AuthConfig> {
 
 fn validate_store(raw: &RawStore, check: &mut Checker<'_>) -> Option<StoreConfig> {
     let kind = raw.kind.as_deref().unwrap_or("embedded");
-    let unused = |check: &mut Checker<'_>, key: &str, set: bool| {
-        if set {
-            check.problem(key, format!("is not used with store.kind = {kind:?}"));
-        }
-    };
+    // Keys another kind would use (path, url, key_prefix) are ignored.
     match kind {
         "embedded" => {
-            unused(check, "store.url", raw.url.is_some());
-            unused(check, "store.key_prefix", raw.key_prefix.is_some());
             let path = raw.path.as_deref().unwrap_or("data/oncegate.redb");
             if path.is_empty() {
                 check.problem("store.path", "must not be empty");
@@ -668,14 +757,8 @@ fn validate_store(raw: &RawStore, check: &mut Checker<'_>) -> Option<StoreConfig
                 path: check.path(path),
             })
         }
-        "memory" => {
-            unused(check, "store.path", raw.path.is_some());
-            unused(check, "store.url", raw.url.is_some());
-            unused(check, "store.key_prefix", raw.key_prefix.is_some());
-            Some(StoreConfig::Memory)
-        }
+        "memory" => Some(StoreConfig::Memory),
         "redis" => {
-            unused(check, "store.path", raw.path.is_some());
             let Some(url) = raw.url.as_deref().filter(|u| !u.is_empty()) else {
                 check.problem("store.url", "is required with store.kind = \"redis\"");
                 return None;
@@ -759,6 +842,39 @@ mod tests {
                 "{key} missing in {errors}"
             );
         }
+    }
+
+    #[test]
+    fn one_wrong_value_does_not_hide_the_others() {
+        let errors = load(
+            "[server]\nbogus = 1\nlisten = 8080\n[once]\ncommit = \"later\"\n\
+             [[rate_limit]]\nkey = \"ipx\"\nper_second = 1\nburst = 1\n\
+             [upstream]\nurl = \"http://a\"\nconnect_timeout = 3\n[log]\nformat = \"yaml\"\n",
+        )
+        .unwrap_err();
+        for key in [
+            "server.bogus",
+            "server.listen",
+            "once.commit",
+            "rate_limit[0].key",
+            "upstream.connect_timeout",
+            "log.format",
+        ] {
+            assert!(
+                errors.0.iter().any(|e| e.starts_with(key)),
+                "{key} missing in {errors}"
+            );
+        }
+    }
+
+    #[test]
+    fn keys_of_other_kinds_and_modes_are_ignored() {
+        let config = load(
+            "[upstream]\nurl = \"http://a\"\n[store]\nkind = \"memory\"\npath = \"data/x.redb\"\n\
+             [auth]\nmode = \"presence\"\n[[auth.tokens]]\nsha256 = \"00\"\n",
+        )
+        .unwrap();
+        assert!(matches!(config.store, StoreConfig::Memory));
     }
 
     #[test]

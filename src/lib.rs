@@ -146,7 +146,18 @@ pub async fn start(config: Config) -> Result<Running, String> {
 
     let (stop, stopped) = watch::channel(false);
     let housekeeping = spawn_housekeeping(ledger.clone(), rate_limits, config.once.inflight_lease);
-    let admin_service = tower::service_fn(move |request| admin.clone().handle(request));
+    // The admin listener keeps the request-id rules of the proxy (SPEC §6: every response).
+    let admin_service = tower::ServiceBuilder::new()
+        .map_request(layers::request_id::drop_unacceptable_id::<
+            hyper::body::Incoming,
+        >(config.trace.trust_incoming))
+        .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(
+            layers::request_id::HexRequestId,
+        ))
+        .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
+        .service(tower::service_fn(move |request| {
+            admin.clone().handle(request)
+        }));
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
         None,

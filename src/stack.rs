@@ -63,16 +63,17 @@ pub fn build(
             },
         )
         .layer(CatchPanicLayer::custom(panic_response))
-        // Below this line layers fail with ProxyError; this turns them into ROMA responses.
-        .layer(RescueLayer)
-        // Cheapest refusal first, and before auth so bad tokens cannot be tried at full speed.
-        .layer(RateLimitLayer::new(parts.rate_limits))
-        // Classify the path once; auth needs the project, the once layer the key.
+        // Classify the path once: auth needs the project, the once layer the key, the rescue step
+        // and the access log whether this is the archive route.
         .map_request(move |mut request: Request<Incoming>| {
             let matched = route.classify(request.uri().path(), fold_case);
             request.extensions_mut().insert(matched);
             request
         })
+        // Below this line layers fail with ProxyError; this turns them into ROMA responses.
+        .layer(RescueLayer)
+        // Cheapest refusal first, and before auth so bad tokens cannot be tried at full speed.
+        .layer(RateLimitLayer::new(parts.rate_limits))
         // An unauthenticated request never touches the ledger.
         .layer(AuthLayer::new(parts.authenticator))
         .layer(OnceLayer::new(parts.once))

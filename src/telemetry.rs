@@ -21,7 +21,7 @@ pub fn init_logging(config: &LogConfig) {
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
-            .with_current_span(false)
+            .with_current_span(true)
             .with_span_list(false)
             .try_init(),
         LogFormat::Pretty => builder.try_init(),

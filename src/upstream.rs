@@ -23,6 +23,9 @@ use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
 use crate::net::ConnInfo;
 
+/// The shortest pause in an upstream body that ends the transfer.
+const MIN_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 #[derive(Clone)]
 pub struct Upstream {
     inner: Arc<Inner>,
@@ -35,6 +38,7 @@ struct Inner {
     host: HeaderValue,
     path_prefix: String,
     response_timeout: Duration,
+    body_idle_timeout: Duration,
     preserve_host: bool,
 }
 
@@ -63,6 +67,7 @@ impl Upstream {
                 host,
                 path_prefix: config.path_prefix.clone(),
                 response_timeout: config.response_timeout,
+                body_idle_timeout: config.response_timeout.max(MIN_BODY_IDLE_TIMEOUT),
                 preserve_host: config.preserve_host,
             }),
         })
@@ -115,8 +120,9 @@ impl Upstream {
         parts
             .headers
             .remove(HeaderName::from_static("x-request-id"));
-        // A body that stops trickling for as long as the header timeout counts as a dead upstream.
-        let body = TimeoutBody::new(inner.response_timeout, body)
+        // A body that stops flowing for this long counts as a dead upstream (the header timeout
+        // is for the headers only: a slow archive may pause).
+        let body = TimeoutBody::new(inner.body_idle_timeout, body)
             .map_err(Into::into)
             .boxed_unsync();
         Ok(Response::from_parts(parts, body))

@@ -141,15 +141,18 @@ fn config_problems_exit_2_with_one_line_naming_the_cause() {
 
     let many = write(
         "many.toml",
-        "[server]\nlisten = \"x\"\nshutdown_grace = \"later\"\n[upstream]\nurl = \"ftp://a\"\n[log]\nlevel = \"info\"\ncolour = true\n",
+        "[server]\nlisten = \"x\"\nshutdown_grace = \"later\"\n[upstream]\nurl = \"ftp://a\"\n[log]\nlevel = \"info\"\ncolour = true\nformat = \"yaml\"\n[once]\ncommit = \"later\"\n[admin]\nlisten = 9901\n",
     );
     let (code, _, stderr) = run_binary(&["check", "--config", &many]);
-    assert_ne!(code, 0);
+    assert_eq!(code, 2);
     for key in [
         "server.listen",
         "server.shutdown_grace",
         "upstream.url",
         "log.colour",
+        "log.format",
+        "once.commit",
+        "admin.listen",
     ] {
         assert!(stderr.contains(key), "{key} not reported: {stderr}");
     }
@@ -338,4 +341,71 @@ async fn the_demo_serves_an_archive_once() {
         .await
         .unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_log_line_of_a_request_carries_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\n[upstream]\nurl = \"{closed}\"\nconnect_timeout = \"1s\"\n\
+         [store]\nkind = \"memory\"\n[admin]\nlisten = \"{{admin}}\"\n[log]\nformat = \"json\"\n"
+    );
+    let mut proxy = Process::spawn(dir.path(), &config);
+    let reply = get(
+        proxy.addr,
+        &format!("{ARCHIVES}/lost"),
+        &[("x-request-id", "lost-upstream-1")],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    let rejected = get(
+        proxy.addr,
+        &format!("{ARCHIVES}/bad%2Fid"),
+        &[("x-request-id", "bad-path-1")],
+    )
+    .await;
+    assert_eq!(rejected.status, StatusCode::BAD_REQUEST);
+    let admin = request(
+        proxy.admin,
+        "GET",
+        "/healthz",
+        &[("x-request-id", "admin-1")],
+    )
+    .await;
+    assert_eq!(
+        admin.headers["x-request-id"], "admin-1",
+        "admin responses carry the id too"
+    );
+    proxy.signal("TERM");
+    let proxy = tokio::task::spawn_blocking(move || {
+        proxy.wait_exit(Duration::from_secs(10));
+        proxy
+    })
+    .await
+    .unwrap();
+    let logs = proxy.stderr();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let of_request: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l.to_string().contains("lost-upstream-1"))
+        .collect();
+    assert!(
+        of_request
+            .iter()
+            .any(|l| l["level"] == "WARN" && l["target"] != "oncegate::access"),
+        "the failure line lacks the request id: {logs}"
+    );
+    let rejected_event = lines
+        .iter()
+        .find(|l| l["target"] == "oncegate::access" && l["request_id"] == "bad-path-1")
+        .expect("access event of the rejected path");
+    assert_eq!(rejected_event["outcome"], "rejected");
+    assert!(
+        rejected_event["archive"].is_null(),
+        "a rejected path has no key"
+    );
 }

@@ -179,6 +179,11 @@ async fn unreachable_and_slow_upstreams_get_502_and_504_and_release() {
         2,
         "a timed-out download is released"
     );
+
+    // The header timeout does not cut an archive whose body pauses longer than it.
+    let paused = get(proxy.addr, &archive("trickle-500-paused"), &[]).await;
+    assert_eq!(paused.status, StatusCode::OK);
+    assert_eq!(paused.body.len(), 8 * 64 * 1024);
 }
 
 #[tokio::test]
@@ -647,6 +652,12 @@ async fn admin_reports_health_metrics_and_manages_keys() {
         assert!(metrics.contains(name), "{name} missing:\n{metrics}");
     }
 
+    let health = request(admin, "GET", "/healthz", &[]).await;
+    assert_eq!(
+        health.headers["x-request-id"].len(),
+        32,
+        "admin responses carry a request id"
+    );
     let key = "/archives/proj/inst/ADM";
     assert_eq!(
         request(admin, "GET", key, &[]).await.status,
@@ -662,9 +673,12 @@ async fn admin_reports_health_metrics_and_manages_keys() {
     let state = request(admin, "GET", key, &bearer).await.json();
     assert_eq!(state["state"], "served");
     assert_eq!(state["record"]["bytes"], body_for(&archive("adm")).len());
+    let lowercase = [("authorization", "bearer s3cret")];
+    let reset = request(admin, "DELETE", key, &lowercase).await;
     assert_eq!(
-        request(admin, "DELETE", key, &bearer).await.status,
-        StatusCode::OK
+        reset.status,
+        StatusCode::OK,
+        "auth schemes are case-insensitive"
     );
     assert_eq!(
         request(admin, "GET", key, &bearer).await.json()["state"],

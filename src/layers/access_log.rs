@@ -165,27 +165,20 @@ impl LoggedBody {
         let duration = entry.started.elapsed();
         let duration_ms = duration.as_secs_f64() * 1000.0;
         let status = self.status;
-        let archive = entry.note.archive.get();
-        let outcome = entry.note.outcome();
+        // Both are set on the archive route only (archive: when the path gave a key).
+        let archive = entry.note.archive.get().map(String::as_str);
+        let outcome = entry.note.outcome().map(Outcome::as_str);
         let _enter = entry.span.enter();
-        if let Some(archive) = archive {
-            let outcome = outcome.map_or("rejected", Outcome::as_str);
-            tracing::info!(
-                target: "oncegate::access",
-                request_id = %entry.request_id, method = %entry.method, path = %entry.path,
-                status, duration_ms, bytes = self.bytes, archive = %archive, outcome,
-                "request"
-            );
+        tracing::info!(
+            target: "oncegate::access",
+            request_id = %entry.request_id, method = %entry.method, path = %entry.path,
+            status, duration_ms, bytes = self.bytes, archive, outcome,
+            "request"
+        );
+        if let Some(outcome) = outcome {
             metrics::counter!("oncegate_downloads_total", "outcome" => outcome).increment(1);
-        } else {
-            tracing::info!(
-                target: "oncegate::access",
-                request_id = %entry.request_id, method = %entry.method, path = %entry.path,
-                status, duration_ms, bytes = self.bytes,
-                "request"
-            );
         }
-        let route = if archive.is_some() {
+        let route = if outcome.is_some() {
             "archive"
         } else {
             "other"

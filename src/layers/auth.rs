@@ -165,19 +165,7 @@ where
                 request.extensions_mut().insert(digest);
                 Box::pin(self.inner.call(request))
             }
-            Err(error) => {
-                if let Some(RouteMatch::Archive(key)) = request.extensions().get::<RouteMatch>() {
-                    // The access log names the archive of a refused request too.
-                    if let Some(note) = request
-                        .extensions()
-                        .get::<Arc<super::access_log::AccessNote>>()
-                    {
-                        note.set_archive(key.as_str());
-                        note.set_outcome(super::access_log::Outcome::Rejected);
-                    }
-                }
-                Box::pin(std::future::ready(Err(error)))
-            }
+            Err(error) => Box::pin(std::future::ready(Err(error))),
         }
     }
 }

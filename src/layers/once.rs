@@ -149,6 +149,7 @@ where
         ledger: policy.ledger.clone(),
         ticket: Some(ticket),
         note: note.clone(),
+        span: tracing::Span::current(),
     };
     let record = RecordDraft {
         key,
@@ -237,6 +238,8 @@ struct Claim {
     ledger: Arc<dyn Ledger>,
     ticket: Option<Ticket>,
     note: Arc<AccessNote>,
+    /// The request's span, so a release after the response is gone still logs its request id.
+    span: tracing::Span,
 }
 
 impl Claim {
@@ -281,7 +284,7 @@ impl Drop for Claim {
             }
         };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(release);
+            runtime.spawn(tracing::Instrument::instrument(release, self.span.clone()));
         }
     }
 }
@@ -370,6 +373,11 @@ impl Body for OnceBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        // hyper polls the body outside the request's span: log lines need it back.
+        let _span = this
+            .claim
+            .as_ref()
+            .map(|claim| claim.span.clone().entered());
         loop {
             if this.committed {
                 return Poll::Ready(this.tail.pop_front().map(Ok));

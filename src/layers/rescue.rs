@@ -4,14 +4,17 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{header, Request, Response, Version};
 use tower::{Layer, Service};
 
+use super::access_log::{AccessNote, Outcome};
 use super::request_id::request_id_of;
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
+use crate::route::RouteMatch;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RescueLayer;
@@ -46,6 +49,13 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let request_id = request_id_of(&request);
+        // Any refusal on the archive route is an outcome of its own in the access log.
+        let archive_note = match request.extensions().get::<RouteMatch>() {
+            Some(RouteMatch::Archive(key)) => Some(Some(key.as_str().to_string())),
+            Some(RouteMatch::Reject(_)) => Some(None),
+            _ => None,
+        }
+        .and_then(|key| Some((request.extensions().get::<Arc<AccessNote>>()?.clone(), key)));
         // An early answer leaves an unread request body on the connection: HTTP/1 clients are
         // told to close rather than have the body parsed as the next request.
         let close = request.version() <= Version::HTTP_11 && has_body(&request);
@@ -54,6 +64,14 @@ where
             Ok(match response.await {
                 Ok(response) => response,
                 Err(error) => {
+                    if let Some((note, key)) = archive_note {
+                        if let Some(key) = key {
+                            note.set_archive(&key);
+                        }
+                        if note.outcome().is_none() {
+                            note.set_outcome(Outcome::Rejected);
+                        }
+                    }
                     if error.status().is_server_error() {
                         tracing::warn!(error = %error, "request failed");
                     }
