@@ -536,7 +536,7 @@ async fn authentication_comes_before_the_ledger() {
 #[tokio::test]
 async fn leases_are_renewed_while_bytes_flow_and_dead_claims_expire() {
     let upstream = Upstream::start().await;
-    let proxy = start_proxy(&upstream, "[once]\ninflight_lease = \"300ms\"\n").await;
+    let proxy = start_proxy(&upstream, "[once]\ninflight_lease = \"600ms\"\n").await;
     // 8 chunks 150 ms apart: well past the lease, but renewed as the bytes flow.
     let path = archive("trickle-150-long");
     let addr = proxy.addr;
@@ -559,12 +559,12 @@ async fn leases_are_renewed_while_bytes_flow_and_dead_claims_expire() {
 
     // A holder stuck before the headers renews nothing: its claim expires and another request
     // wins; the stuck one can then no longer complete.
-    let stuck_path = archive("slow-900-stuck");
+    let stuck_path = archive("slow-1500-stuck");
     let stuck = tokio::spawn({
         let path = stuck_path.clone();
         async move { get(addr, &path, &[]).await }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
     let second = get(proxy.addr, &stuck_path, &[]).await;
     assert_eq!(
         second.status,

@@ -162,7 +162,7 @@ async fn a_claim_of_a_killed_replica_expires_after_the_lease() {
 async fn lease_renewal_keeps_a_long_transfer_from_being_taken_over() {
     let redis = RedisServer::start();
     let upstream = Upstream::start().await;
-    let once = "[once]\ninflight_lease = \"400ms\"\n";
+    let once = "[once]\ninflight_lease = \"700ms\"\n";
     let a = start_proxy(&upstream, &redis_extra(&redis, once)).await;
     let b = start_proxy(&upstream, &redis_extra(&redis, once)).await;
     let path = archive("trickle-200-renewed");
