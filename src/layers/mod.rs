@@ -1,4 +1,5 @@
-//! The proxy's own Tower layers, one concern each; `crate::stack` decides their order.
+//! The proxy's own Tower layers, one concern each.
+//! `crate::stack` decides their order; `crate::error` turns their refusals into responses.
 
 pub mod access_log;
 pub mod auth;

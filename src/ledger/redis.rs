@@ -1,7 +1,5 @@
-//! The `redis` ledger: replicas share one Redis (or Valkey), so exactly one of them serves an
-//! archive. Claims are `SET NX PX` with a random ticket; renew, commit and release are Lua
-//! compare-and-set scripts on that ticket. Served keys are cached locally for a bounded time and
-//! dropped on any replica as soon as a reset is published.
+//! The `redis` ledger: replicas share one Redis (or Valkey), so exactly one of them serves an archive.
+//! `SET NX PX` claims, Lua compare-and-set on the ticket, and a served-only cache reset by pub/sub.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
