@@ -569,3 +569,28 @@ impl Drop for RedisServer {
         self.stop();
     }
 }
+
+/// Sends `count` concurrent GETs of `path`, spread over `addrs`, checks that every loser got a
+/// proper 409 (with `Retry-After: 1`) or 403, and returns how many got 200.
+pub async fn race(addrs: &[SocketAddr], path: &str, count: usize) -> usize {
+    let tasks: Vec<_> = (0..count)
+        .map(|i| {
+            let (addr, path) = (addrs[i % addrs.len()], path.to_string());
+            tokio::spawn(async move { get(addr, &path, &[]).await })
+        })
+        .collect();
+    let mut served = 0;
+    for task in tasks {
+        let reply = task.await.unwrap();
+        match reply.status {
+            StatusCode::OK => served += 1,
+            StatusCode::CONFLICT => {
+                assert_eq!(reply.error_code(), "ROMA.00000102");
+                assert_eq!(reply.headers["retry-after"], "1");
+            }
+            StatusCode::FORBIDDEN => assert_eq!(reply.error_code(), "ROMA.00000101"),
+            other => panic!("unexpected {other}: {:?}", reply.body),
+        }
+    }
+    served
+}
