@@ -116,8 +116,8 @@ where
         let span = tracing::info_span!("request", request_id = %request_id);
         let entry = Entry {
             started: Instant::now(),
-            method: request.method().to_string(),
-            path: request.uri().path().to_string(),
+            method: request.method().clone(),
+            uri: request.uri().clone(),
             request_id,
             note,
             span: span.clone(),
@@ -142,8 +142,9 @@ where
 
 struct Entry {
     started: Instant,
-    method: String,
-    path: String,
+    method: http::Method,
+    /// Cloning a `Uri` shares its bytes: no copy of the path per request.
+    uri: http::Uri,
     request_id: String,
     note: Arc<AccessNote>,
     span: tracing::Span,
@@ -171,7 +172,7 @@ impl LoggedBody {
         let _enter = entry.span.enter();
         tracing::info!(
             target: "oncegate::access",
-            request_id = %entry.request_id, method = %entry.method, path = %entry.path,
+            request_id = %entry.request_id, method = %entry.method, path = %entry.uri.path(),
             status, duration_ms, bytes = self.bytes, archive, outcome,
             "request"
         );
@@ -183,10 +184,29 @@ impl LoggedBody {
         } else {
             "other"
         };
-        metrics::counter!("oncegate_requests_total", "route" => route, "status" => status.to_string()).increment(1);
+        metrics::counter!("oncegate_requests_total", "route" => route, "status" => status_label(status)).increment(1);
         metrics::histogram!("oncegate_request_duration_seconds", "route" => route)
             .record(duration.as_secs_f64());
     }
+}
+
+/// The status as a metric label, without an allocation for the statuses the proxy itself uses.
+fn status_label(status: u16) -> metrics::SharedString {
+    let known = match status {
+        200 => "200",
+        400 => "400",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        409 => "409",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        other => return other.to_string().into(),
+    };
+    known.into()
 }
 
 impl Body for LoggedBody {
