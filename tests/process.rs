@@ -409,3 +409,27 @@ async fn every_log_line_of_a_request_carries_its_id() {
         "a rejected path has no key"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rust_log_overrides_the_configured_level() {
+    let upstream = Upstream::start().await;
+    let quiet = embedded_config(&upstream, "[log]\nformat = \"json\"\nlevel = \"error\"\n");
+    for (rust_log, expect_access) in [(None, false), (Some("oncegate::access=info"), true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut proxy = Process::spawn_with_env(dir.path(), &quiet, rust_log);
+        assert_eq!(get(proxy.addr, "/ping", &[]).await.status, StatusCode::OK);
+        proxy.signal("TERM");
+        let proxy = tokio::task::spawn_blocking(move || {
+            proxy.wait_exit(Duration::from_secs(10));
+            proxy
+        })
+        .await
+        .unwrap();
+        let logs = proxy.stderr();
+        assert_eq!(
+            logs.contains("oncegate::access"),
+            expect_access,
+            "RUST_LOG={rust_log:?}: {logs}"
+        );
+    }
+}

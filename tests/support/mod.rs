@@ -367,6 +367,11 @@ pub struct Process {
 impl Process {
     /// Writes `config` (with `{listen}` / `{admin}` filled in) to `dir` and starts the binary.
     pub fn spawn(dir: &Path, config: &str) -> Process {
+        Process::spawn_with_env(dir, config, None)
+    }
+
+    /// Like `spawn`, with `RUST_LOG` set to `rust_log` (it is removed otherwise).
+    pub fn spawn_with_env(dir: &Path, config: &str, rust_log: Option<&str>) -> Process {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let text = config
@@ -375,10 +380,15 @@ impl Process {
         let config_path = dir.join("oncegate.toml");
         std::fs::write(&config_path, text).unwrap();
         let stderr_path = dir.join(format!("stderr-{}.log", addr.port()));
-        let child = Command::new(binary())
+        let mut command = Command::new(binary());
+        command
             .args(["run", "--config"])
             .arg(&config_path)
-            .env_remove("RUST_LOG")
+            .env_remove("RUST_LOG");
+        if let Some(filter) = rust_log {
+            command.env("RUST_LOG", filter);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr_path).unwrap())
             .spawn()
