@@ -26,13 +26,28 @@ use crate::net::ConnInfo;
 /// The shortest pause in an upstream body that ends the transfer.
 const MIN_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The pooled client, typed by the upstream's scheme.
+enum Pool {
+    Http(Client<HttpConnector, Incoming>),
+    Https(Client<HttpsConnector<HttpConnector>, Incoming>),
+}
+
+impl Pool {
+    fn request(&self, request: Request<Incoming>) -> hyper_util::client::legacy::ResponseFuture {
+        match self {
+            Pool::Http(client) => client.request(request),
+            Pool::Https(client) => client.request(request),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Upstream {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    client: Client<HttpsConnector<HttpConnector>, Incoming>,
+    client: Pool,
     scheme: Scheme,
     authority: Authority,
     host: HeaderValue,
@@ -48,16 +63,22 @@ impl Upstream {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
-        let tls = tls_client_config(config.ca_file.as_deref())?;
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+            .pool_idle_timeout(Duration::from_secs(60));
+        // The TLS-capable connector wraps every stream: an `http` upstream goes without it.
+        let client = if config.scheme == Scheme::HTTPS {
+            let tls = tls_client_config(config.ca_file.as_deref())?;
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_only()
+                .enable_http1()
+                .wrap_connector(http);
+            Pool::Https(builder.build(connector))
+        } else {
+            Pool::Http(builder.build(http))
+        };
         let host = HeaderValue::from_str(config.authority.as_str()).map_err(|e| e.to_string())?;
         Ok(Upstream {
             inner: Arc::new(Inner {
