@@ -186,7 +186,7 @@ async fn the_token_never_appears_in_logs() {
     let dir = tempfile::tempdir().unwrap();
     let secret = "Secret-Token-7f3a9c";
     let config = embedded_config(&upstream, "[log]\nformat = \"json\"\nlevel = \"trace\"\n");
-    let mut proxy = Process::spawn(dir.path(), &config);
+    let proxy = Process::spawn(dir.path(), &config);
     let token = [("x-auth-token", secret)];
     let archive = format!("{ARCHIVES}/logged");
     for (method, path) in [
@@ -208,52 +208,43 @@ async fn the_token_never_appears_in_logs() {
     .await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    proxy.signal("TERM");
-    tokio::task::spawn_blocking(move || {
-        proxy.wait_exit(Duration::from_secs(10));
-        proxy
-    })
-    .await
-    .map(|proxy| {
-        let logs = proxy.stderr();
-        assert!(!logs.is_empty());
-        assert!(!logs.contains(secret), "the token leaked into the logs");
-        let access: Vec<serde_json::Value> = logs
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .filter(|event| event["target"] == "oncegate::access")
-            .collect();
-        assert!(access.len() >= 7, "{logs}");
-        let refused = access
-            .iter()
-            .find(|e| e["request_id"] == "logged-id-1")
-            .expect("access event with the id");
-        for field in [
-            "method",
-            "path",
-            "status",
-            "duration_ms",
-            "bytes",
-            "archive",
-            "outcome",
-        ] {
-            assert!(!refused[field].is_null(), "{field} missing in {refused}");
-        }
-        assert_eq!(refused["outcome"], "refused_served");
-        assert_eq!(refused["archive"], "proj/inst/logged");
-        assert_eq!(refused["status"], 403);
-        let outcomes: Vec<&str> = access
-            .iter()
-            .filter_map(|e| e["outcome"].as_str())
-            .collect();
-        for outcome in ["served", "refused_served", "rejected", "released"] {
-            assert!(
-                outcomes.contains(&outcome),
-                "{outcome} not logged: {outcomes:?}"
-            );
-        }
-    })
-    .unwrap();
+    let logs = proxy.terminate_and_read_logs().await;
+    assert!(!logs.is_empty());
+    assert!(!logs.contains(secret), "the token leaked into the logs");
+    let access: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| event["target"] == "oncegate::access")
+        .collect();
+    assert!(access.len() >= 7, "{logs}");
+    let refused = access
+        .iter()
+        .find(|e| e["request_id"] == "logged-id-1")
+        .expect("access event with the id");
+    for field in [
+        "method",
+        "path",
+        "status",
+        "duration_ms",
+        "bytes",
+        "archive",
+        "outcome",
+    ] {
+        assert!(!refused[field].is_null(), "{field} missing in {refused}");
+    }
+    assert_eq!(refused["outcome"], "refused_served");
+    assert_eq!(refused["archive"], "proj/inst/logged");
+    assert_eq!(refused["status"], 403);
+    let outcomes: Vec<&str> = access
+        .iter()
+        .filter_map(|e| e["outcome"].as_str())
+        .collect();
+    for outcome in ["served", "refused_served", "rejected", "released"] {
+        assert!(
+            outcomes.contains(&outcome),
+            "{outcome} not logged: {outcomes:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -351,7 +342,7 @@ async fn every_log_line_of_a_request_carries_its_id() {
         "[server]\nlisten = \"{{listen}}\"\n[upstream]\nurl = \"{closed}\"\nconnect_timeout = \"1s\"\n\
          [store]\nkind = \"memory\"\n[admin]\nlisten = \"{{admin}}\"\n[log]\nformat = \"json\"\n"
     );
-    let mut proxy = Process::spawn(dir.path(), &config);
+    let proxy = Process::spawn(dir.path(), &config);
     let reply = get(
         proxy.addr,
         &format!("{ARCHIVES}/lost"),
@@ -377,14 +368,7 @@ async fn every_log_line_of_a_request_carries_its_id() {
         admin.headers["x-request-id"], "admin-1",
         "admin responses carry the id too"
     );
-    proxy.signal("TERM");
-    let proxy = tokio::task::spawn_blocking(move || {
-        proxy.wait_exit(Duration::from_secs(10));
-        proxy
-    })
-    .await
-    .unwrap();
-    let logs = proxy.stderr();
+    let logs = proxy.terminate_and_read_logs().await;
     let lines: Vec<serde_json::Value> = logs
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -416,16 +400,9 @@ async fn rust_log_overrides_the_configured_level() {
     let quiet = embedded_config(&upstream, "[log]\nformat = \"json\"\nlevel = \"error\"\n");
     for (rust_log, expect_access) in [(None, false), (Some("oncegate::access=info"), true)] {
         let dir = tempfile::tempdir().unwrap();
-        let mut proxy = Process::spawn_with_env(dir.path(), &quiet, rust_log);
+        let proxy = Process::spawn_with_env(dir.path(), &quiet, rust_log);
         assert_eq!(get(proxy.addr, "/ping", &[]).await.status, StatusCode::OK);
-        proxy.signal("TERM");
-        let proxy = tokio::task::spawn_blocking(move || {
-            proxy.wait_exit(Duration::from_secs(10));
-            proxy
-        })
-        .await
-        .unwrap();
-        let logs = proxy.stderr();
+        let logs = proxy.terminate_and_read_logs().await;
         assert_eq!(
             logs.contains("oncegate::access"),
             expect_access,

@@ -444,6 +444,21 @@ impl Process {
         }
     }
 
+    /// Sends SIGTERM, waits (off the runtime) for a clean exit, and returns everything it logged.
+    pub async fn terminate_and_read_logs(mut self) -> String {
+        self.signal("TERM");
+        tokio::task::spawn_blocking(move || {
+            assert_eq!(
+                self.wait_exit(Duration::from_secs(10)),
+                Some(0),
+                "did not exit cleanly"
+            );
+            self.stderr()
+        })
+        .await
+        .unwrap()
+    }
+
     /// Resident memory in KiB, from /proc.
     pub fn rss_kib(&self) -> u64 {
         let status =
