@@ -53,6 +53,7 @@ fn claims(c: &mut Criterion) {
                     bytes: 42,
                     client: String::new(),
                     token_sha256_prefix: String::new(),
+                    user_id: None,
                 };
                 map.commit(&ticket, record).unwrap();
             }

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -15,6 +16,7 @@ use crate::body::{self, ProxyBody};
 use crate::error::set_no_store;
 use crate::layers::request_id::request_id_of;
 use crate::ledger::{KeyState, Ledger, ResetOutcome};
+use crate::net::ConnInfo;
 use crate::route::{ArchiveKey, RouteTemplate};
 
 pub struct Admin {
@@ -78,17 +80,28 @@ impl Admin {
                 json_response(StatusCode::OK, json!({"state": state, "record": record}))
             }),
             Method::DELETE => self.ledger.reset(key.as_str()).await.map(|outcome| {
-                let id = request_id_of(request);
-                let (status, state) = match outcome {
-                    ResetOutcome::Reset => (StatusCode::OK, "unseen"),
-                    ResetOutcome::Unseen => (StatusCode::OK, "unseen"),
-                    ResetOutcome::InFlight => (StatusCode::CONFLICT, "in_flight"),
+                let (status, state, label) = match outcome {
+                    ResetOutcome::Reset => (StatusCode::OK, "unseen", "reset"),
+                    ResetOutcome::Unseen => (StatusCode::OK, "unseen", "unseen"),
+                    ResetOutcome::InFlight => (StatusCode::CONFLICT, "in_flight", "in_flight"),
                 };
+                metrics::counter!("oncegate_admin_resets_total", "result" => label).increment(1);
+                // Who: the holder of the admin token, from this address.
+                let client = request
+                    .extensions()
+                    .get::<ConnInfo>()
+                    .map(|conn| conn.peer.to_string())
+                    .unwrap_or_default();
                 tracing::info!(
-                    target: "oncegate::admin", request_id = %id, archive = %key.as_str(),
-                    result = ?outcome, at_ms = crate::ledger::now_ms(), "archive reset"
+                    target: "oncegate::admin",
+                    request_id = %request_id_of(request), archive = %key.as_str(), result = label,
+                    client = %client, at = %humantime::format_rfc3339_millis(SystemTime::now()),
+                    "archive reset"
                 );
-                json_response(status, json!({"state": state, "record": null, "reset": outcome == ResetOutcome::Reset}))
+                json_response(
+                    status,
+                    json!({"state": state, "record": null, "reset": outcome == ResetOutcome::Reset}),
+                )
             }),
             _ => {
                 let mut response = json_response(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "use GET or DELETE"}));
@@ -163,6 +176,7 @@ fn describe(state: &KeyState) -> (&'static str, serde_json::Value) {
                 "bytes": record.bytes,
                 "client": record.client,
                 "token_sha256_prefix": record.token_sha256_prefix,
+                "user_id": record.user_id,
             }),
         ),
     }

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use crate::route::RouteTemplate;
 
 /// Validated configuration; every path is absolute or relative to the process's working folder.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
@@ -26,7 +26,7 @@ pub struct Config {
     pub admin: AdminConfig,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub trusted_proxies: Vec<IpNet>,
@@ -34,13 +34,13 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     pub scheme: Scheme,
     pub authority: Authority,
@@ -52,13 +52,28 @@ pub struct UpstreamConfig {
     pub preserve_host: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum AuthConfig {
     Presence,
     Static(Vec<StaticToken>),
+    Iam(IamConfig),
 }
 
-#[derive(Debug, Clone)]
+/// Keystone v3 token verification (SPEC §5).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IamConfig {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Put before `/v3/auth/tokens`; empty or starting with '/' and never ending with '/'.
+    pub path_prefix: String,
+    /// The environment variable that holds the proxy's own (service) token.
+    pub service_token_env: String,
+    pub cache_ttl: Duration,
+    pub negative_cache_ttl: Duration,
+    pub cache_capacity: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct StaticToken {
     pub sha256: [u8; 32],
     /// `None`: any project.
@@ -72,7 +87,7 @@ pub enum CommitMode {
     Headers,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OnceConfig {
     pub route: RouteTemplate,
     pub commit: CommitMode,
@@ -82,7 +97,7 @@ pub struct OnceConfig {
     pub retention: Option<Duration>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum StoreConfig {
     Memory,
     Embedded {
@@ -104,7 +119,7 @@ pub enum RateKey {
     Global,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RateLimitConfig {
     pub key: RateKey,
     /// Time between two requests at the steady rate (1 / per_second).
@@ -112,7 +127,7 @@ pub struct RateLimitConfig {
     pub burst: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TraceConfig {
     pub trust_incoming: bool,
 }
@@ -124,13 +139,13 @@ pub enum LogFormat {
     Pretty,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
     pub token_env: Option<String>,
@@ -343,7 +358,29 @@ impl Default for RawUpstream {
 struct RawAuth {
     mode: Option<String>,
     tokens: Vec<RawToken>,
-    iam: Option<toml::Table>,
+    iam: RawIam,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+struct RawIam {
+    url: Option<String>,
+    service_token_env: String,
+    cache_ttl: String,
+    negative_cache_ttl: String,
+    cache_capacity: u64,
+}
+
+impl Default for RawIam {
+    fn default() -> Self {
+        RawIam {
+            url: None,
+            service_token_env: "ONCEGATE_IAM_SERVICE_TOKEN".into(),
+            cache_ttl: "300s".into(),
+            negative_cache_ttl: "10s".into(),
+            cache_capacity: 100_000,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -492,6 +529,42 @@ impl Checker<'_> {
             );
             SocketAddr::from(([127, 0, 0, 1], 0))
         })
+    }
+
+    /// An `http://` or `https://` URL without a query: scheme, authority and the path prefix
+    /// (no trailing '/').
+    fn http_url(&mut self, key: &str, url: Option<&str>) -> Option<(Scheme, Authority, String)> {
+        let Some(url) = url.filter(|url| !url.is_empty()) else {
+            self.problem(key, "is required");
+            return None;
+        };
+        let uri: http::Uri = match url.parse() {
+            Ok(uri) => uri,
+            Err(e) => {
+                self.problem(key, format!("{url:?} is not a URL ({e})"));
+                return None;
+            }
+        };
+        let scheme = match uri.scheme_str() {
+            Some("http") => Scheme::HTTP,
+            Some("https") => Scheme::HTTPS,
+            _ => {
+                self.problem(key, format!("{url:?} must start with http:// or https://"));
+                return None;
+            }
+        };
+        let Some(authority) = uri.authority().cloned() else {
+            self.problem(key, format!("{url:?} has no host"));
+            return None;
+        };
+        if uri.query().is_some() {
+            self.problem(key, "must not have a query string");
+        }
+        Some((
+            scheme,
+            authority,
+            uri.path().trim_end_matches('/').to_string(),
+        ))
     }
 
     fn path(&self, value: &str) -> PathBuf {
@@ -650,39 +723,11 @@ fn validate_upstream(raw: &RawUpstream, check: &mut Checker<'_>) -> Option<Upstr
     let response_timeout =
         check.positive_duration("upstream.response_timeout", &raw.response_timeout);
     let ca_file = raw.ca_file.as_deref().map(|p| check.path(p));
-    let Some(url) = raw.url.as_deref() else {
-        check.problem("upstream.url", "is required");
-        return None;
-    };
-    let uri: http::Uri = match url.parse() {
-        Ok(uri) => uri,
-        Err(e) => {
-            check.problem("upstream.url", format!("{url:?} is not a URL ({e})"));
-            return None;
-        }
-    };
-    let scheme = match uri.scheme_str() {
-        Some("http") => Scheme::HTTP,
-        Some("https") => Scheme::HTTPS,
-        _ => {
-            check.problem(
-                "upstream.url",
-                format!("{url:?} must start with http:// or https://"),
-            );
-            return None;
-        }
-    };
-    let Some(authority) = uri.authority().cloned() else {
-        check.problem("upstream.url", format!("{url:?} has no host"));
-        return None;
-    };
-    if uri.query().is_some() {
-        check.problem("upstream.url", "must not have a query string");
-    }
+    let (scheme, authority, path_prefix) = check.http_url("upstream.url", raw.url.as_deref())?;
     Some(UpstreamConfig {
         scheme,
         authority,
-        path_prefix: uri.path().trim_end_matches('/').to_string(),
+        path_prefix,
         connect_timeout,
         response_timeout,
         ca_file,
@@ -728,11 +773,27 @@ fn validate_auth(raw: RawAuth, check: &mut Checker<'_>) -> Option<AuthConfig> {
             Some(AuthConfig::Static(tokens))
         }
         "iam" => {
-            check.problem(
-                "auth.mode",
-                "\"iam\" is not supported by this version (use presence or static)",
-            );
-            None
+            let iam = raw.iam;
+            let url = check.http_url("auth.iam.url", iam.url.as_deref());
+            if iam.service_token_env.is_empty() {
+                check.problem("auth.iam.service_token_env", "must not be empty");
+            }
+            let cache_ttl = check.duration("auth.iam.cache_ttl", &iam.cache_ttl);
+            let negative_cache_ttl =
+                check.duration("auth.iam.negative_cache_ttl", &iam.negative_cache_ttl);
+            if iam.cache_capacity == 0 {
+                check.problem("auth.iam.cache_capacity", "must be at least 1");
+            }
+            let (scheme, authority, path_prefix) = url?;
+            Some(AuthConfig::Iam(IamConfig {
+                scheme,
+                authority,
+                path_prefix,
+                service_token_env: iam.service_token_env,
+                cache_ttl,
+                negative_cache_ttl,
+                cache_capacity: iam.cache_capacity,
+            }))
         }
         other => {
             check.problem(
@@ -887,9 +948,36 @@ mod tests {
     }
 
     #[test]
-    fn iam_is_a_clear_error_and_redis_needs_a_url() {
+    fn iam_settings_and_redis_needs_a_url() {
         let errors = load("[upstream]\nurl = \"http://a\"\n[auth]\nmode = \"iam\"\n").unwrap_err();
-        assert!(errors.0[0].contains("auth.mode"), "{errors}");
+        assert_eq!(errors.0, vec!["auth.iam.url: is required".to_string()]);
+        let errors = load(
+            "[upstream]\nurl = \"http://a\"\n[auth]\nmode = \"iam\"\n[auth.iam]\nurl = \"ftp://i\"\ncache_ttl = \"soon\"\ncache_capacity = 0\nrealm = 1\n",
+        )
+        .unwrap_err();
+        for key in [
+            "auth.iam.realm: unknown key",
+            "auth.iam.url",
+            "auth.iam.cache_ttl",
+            "auth.iam.cache_capacity",
+        ] {
+            assert!(
+                errors.0.iter().any(|e| e.starts_with(key)),
+                "{key}: {errors}"
+            );
+        }
+        let config = load(
+            "[upstream]\nurl = \"http://a\"\n[auth]\nmode = \"iam\"\n[auth.iam]\nurl = \"https://iam.example.com/identity/\"\nnegative_cache_ttl = \"0s\"\n",
+        )
+        .unwrap();
+        let AuthConfig::Iam(iam) = config.auth else {
+            panic!("iam mode expected");
+        };
+        assert_eq!(iam.path_prefix, "/identity");
+        assert_eq!(iam.service_token_env, "ONCEGATE_IAM_SERVICE_TOKEN");
+        assert_eq!(iam.cache_ttl, Duration::from_secs(300));
+        assert_eq!(iam.negative_cache_ttl, Duration::ZERO);
+        assert_eq!(iam.cache_capacity, 100_000);
         let errors =
             load("[upstream]\nurl = \"http://a\"\n[store]\nkind = \"redis\"\n").unwrap_err();
         assert!(errors.0[0].contains("store.url"), "{errors}");

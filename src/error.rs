@@ -36,6 +36,8 @@ pub enum ProxyError {
     UpstreamUnreachable(String),
     #[error("upstream did not answer in time")]
     UpstreamTimeout,
+    #[error("IAM unavailable: {0}")]
+    IamUnavailable(String),
     #[error("ledger unavailable: {0}")]
     StoreUnavailable(String),
     #[error("internal error")]
@@ -55,7 +57,9 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::IamUnavailable(_) | ProxyError::StoreUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -72,6 +76,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "APIG.0308",
             ProxyError::UpstreamUnreachable(_) => "APIC.0202",
             ProxyError::UpstreamTimeout => "APIC.0203",
+            ProxyError::IamUnavailable(_) => "APIG.0613",
             ProxyError::StoreUnavailable(_) => "APIC.9000",
             ProxyError::Internal => "APIC.0000",
         }
@@ -90,7 +95,9 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "too many requests",
             ProxyError::UpstreamUnreachable(_) => "bad gateway",
             ProxyError::UpstreamTimeout => "gateway timeout",
-            ProxyError::StoreUnavailable(_) => "service unavailable",
+            ProxyError::IamUnavailable(_) | ProxyError::StoreUnavailable(_) => {
+                "service unavailable"
+            }
             ProxyError::Internal => "internal error",
         }
     }
@@ -114,6 +121,10 @@ impl ProxyError {
             }
             ProxyError::UpstreamUnreachable(why) => format!("upstream unreachable: {why}"),
             ProxyError::UpstreamTimeout => "the upstream did not answer in time".into(),
+            // What went wrong inside is logged, not shown to the client.
+            ProxyError::IamUnavailable(_) => {
+                "the identity service could not verify the token".into()
+            }
             ProxyError::StoreUnavailable(_) => "the download ledger is unreachable".into(),
             ProxyError::Internal => "the proxy failed to handle the request".into(),
         }

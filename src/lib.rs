@@ -6,9 +6,11 @@ pub mod body;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod iam;
 pub mod layers;
 pub mod ledger;
 pub mod net;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod stack;
@@ -19,6 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -29,7 +32,9 @@ use crate::layers::rate_limit::RateLimits;
 use crate::ledger::embedded::EmbeddedLedger;
 use crate::ledger::memory::MemoryLedger;
 use crate::ledger::redis::RedisLedger;
+use crate::ledger::timed::Timed;
 use crate::ledger::Ledger;
+use crate::reload::{Live, ReloadReport};
 use crate::upstream::Upstream;
 
 /// A started proxy: its bound addresses and the handle to stop it.
@@ -37,11 +42,22 @@ pub struct Running {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub ledger: Arc<dyn Ledger>,
+    live: Arc<Live>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl Running {
+    /// Re-reads the config file and applies what can change live (SIGHUP).
+    pub fn reload_from(&self, path: &std::path::Path) -> Result<ReloadReport, String> {
+        self.live.reload_from(path)
+    }
+
+    /// Applies a new config: auth, rate limits and log level change live.
+    pub fn reload(&self, config: Config) -> Result<ReloadReport, String> {
+        self.live.apply(config)
+    }
+
     /// Stops accepting; running downloads get up to `server.shutdown_grace` to finish.
     pub fn shutdown(&self) {
         let _ = self.stop.send(true);
@@ -65,6 +81,9 @@ pub fn check_resources(config: &Config) -> Result<(), Vec<String>> {
         problems.push(e);
     }
     if let Err(e) = admin_token(config) {
+        problems.push(e);
+    }
+    if let Err(e) = Authenticator::new(&config.auth, &config.upstream, config.once.fold_case) {
         problems.push(e);
     }
     if problems.is_empty() {
@@ -99,8 +118,9 @@ pub async fn start(config: Config) -> Result<Running, String> {
     };
     let upstream = Upstream::new(&config.upstream)?;
     let admin_token = admin_token(&config)?;
+    let authenticator = Authenticator::new(&config.auth, &config.upstream, config.once.fold_case)?;
     let ledger: Arc<dyn Ledger> = match &config.store {
-        StoreConfig::Memory => Arc::new(MemoryLedger::new(config.once.retention)),
+        StoreConfig::Memory => Arc::new(Timed::new(MemoryLedger::new(config.once.retention))),
         StoreConfig::Embedded { path } => {
             let path = path.clone();
             let retention = config.once.retention;
@@ -108,26 +128,27 @@ pub async fn start(config: Config) -> Result<Running, String> {
                 tokio::task::spawn_blocking(move || EmbeddedLedger::open(&path, retention))
                     .await
                     .map_err(|e| e.to_string())?;
-            Arc::new(opened.map_err(|e| format!("store.path: {e}"))?)
+            Arc::new(Timed::new(opened.map_err(|e| format!("store.path: {e}"))?))
         }
-        StoreConfig::Redis { url, key_prefix } => Arc::new(
+        StoreConfig::Redis { url, key_prefix } => Arc::new(Timed::new(
             RedisLedger::new(url, key_prefix, config.once.retention)
                 .map_err(|e| format!("store.url: {e}"))?,
-        ),
+        )),
     };
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
 
-    let rate_limits = Arc::new(RateLimits::new(
+    let rate_limits = Arc::new(ArcSwap::from_pointee(RateLimits::new(
         &config.rate_limits,
         config.server.trusted_proxies.clone(),
-    ));
+    )));
+    let authenticator = Arc::new(ArcSwap::from_pointee(authenticator));
     let stack = stack::build(stack::StackParts {
         trust_incoming_id: config.trace.trust_incoming,
         rate_limits: rate_limits.clone(),
         route: config.once.route.clone(),
         fold_case: config.once.fold_case,
-        authenticator: Arc::new(Authenticator::new(&config.auth, config.once.fold_case)),
+        authenticator: authenticator.clone(),
         once: Arc::new(OncePolicy {
             ledger: ledger.clone(),
             commit: config.once.commit,
@@ -145,7 +166,11 @@ pub async fn start(config: Config) -> Result<Running, String> {
     });
 
     let (stop, stopped) = watch::channel(false);
-    let housekeeping = spawn_housekeeping(ledger.clone(), rate_limits, config.once.inflight_lease);
+    let housekeeping = spawn_housekeeping(
+        ledger.clone(),
+        rate_limits.clone(),
+        config.once.inflight_lease,
+    );
     // The admin listener keeps the request-id rules of the proxy (SPEC §6: every response).
     let admin_service = tower::ServiceBuilder::new()
         .map_request(layers::request_id::drop_unacceptable_id::<
@@ -166,6 +191,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
         Duration::from_secs(1),
     ));
     let grace = config.server.shutdown_grace;
+    let live = Arc::new(Live::new(config, authenticator, rate_limits));
     let task_ledger = ledger.clone();
     let task = tokio::spawn(async move {
         server::serve(listener, tls, stack, wait_for(stopped), grace).await;
@@ -181,6 +207,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
         addr,
         admin_addr,
         ledger,
+        live,
         stop,
         task,
     })
@@ -193,7 +220,7 @@ async fn wait_for(mut stopped: watch::Receiver<bool>) {
 /// Prunes rate-limit state and sweeps records past retention on timers.
 fn spawn_housekeeping(
     ledger: Arc<dyn Ledger>,
-    rate_limits: Arc<RateLimits>,
+    rate_limits: layers::rate_limit::SharedRateLimits,
     lease: Duration,
 ) -> JoinHandle<()> {
     let sweep_every = (lease / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
@@ -203,7 +230,12 @@ fn spawn_housekeeping(
         loop {
             tokio::select! {
                 _ = sweep.tick() => ledger.sweep().await,
-                _ = prune.tick() => if !rate_limits.is_empty() { rate_limits.prune() },
+                _ = prune.tick() => {
+                    let rate_limits = rate_limits.load();
+                    if !rate_limits.is_empty() {
+                        rate_limits.prune();
+                    }
+                }
             }
         }
     })

@@ -45,11 +45,11 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => check(&cli.config),
         Command::Run => match Config::load(&cli.config) {
-            Ok(config) => run(config, None),
+            Ok(config) => run(config, None, Some(&cli.config)),
             Err(errors) => fail(&format!("{}: {errors}", cli.config.display())),
         },
         Command::Demo { listen, admin } => match oncegate::demo::demo_config(listen, admin) {
-            Ok(config) => run(config, Some(listen)),
+            Ok(config) => run(config, Some(listen), None),
             Err(e) => fail(&e),
         },
     }
@@ -75,7 +75,12 @@ fn fail(message: &str) -> ExitCode {
     ExitCode::from(CONFIG_ERROR)
 }
 
-fn run(config: Config, demo: Option<std::net::SocketAddr>) -> ExitCode {
+/// Runs until SIGTERM / SIGINT; on SIGHUP re-reads `config_path` (the demo has none).
+fn run(
+    config: Config,
+    demo: Option<std::net::SocketAddr>,
+    config_path: Option<&std::path::Path>,
+) -> ExitCode {
     oncegate::telemetry::init_logging(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -85,7 +90,7 @@ fn run(config: Config, demo: Option<std::net::SocketAddr>) -> ExitCode {
         Err(e) => return fail(&format!("cannot start the runtime: {e}")),
     };
     runtime.block_on(async move {
-        let mut signals = StopSignals::install();
+        let mut signals = Signals::install();
         let demo_upstream = match demo {
             Some(_) => match oncegate::demo::start_upstream().await {
                 Ok(upstream) => Some(upstream),
@@ -106,7 +111,13 @@ fn run(config: Config, demo: Option<std::net::SocketAddr>) -> ExitCode {
             let text = oncegate::demo::instructions(running.addr, running.admin_addr, upstream);
             let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
         }
-        signals.recv().await;
+        while signals.recv().await == Signal::Reload {
+            match config_path {
+                // The outcome is logged (and counted) where it is decided.
+                Some(path) => drop(running.reload_from(path)),
+                None => tracing::info!("SIGHUP ignored: the demo has no config file to re-read"),
+            }
+        }
         tracing::info!("shutting down");
         running.shutdown();
         running.wait().await;
@@ -114,22 +125,31 @@ fn run(config: Config, demo: Option<std::net::SocketAddr>) -> ExitCode {
     })
 }
 
-/// SIGTERM and SIGINT, listened for from before the proxy starts so an early signal is not lost.
-struct StopSignals {
-    terminate: Option<tokio::signal::unix::Signal>,
-    interrupt: Option<tokio::signal::unix::Signal>,
+#[derive(Debug, PartialEq, Eq)]
+enum Signal {
+    Stop,
+    Reload,
 }
 
-impl StopSignals {
-    fn install() -> StopSignals {
+/// SIGTERM and SIGINT (stop) and SIGHUP (reload), listened for from before the proxy starts so
+/// an early signal is neither lost nor fatal.
+struct Signals {
+    terminate: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+    hangup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
         use tokio::signal::unix::{signal, SignalKind};
-        StopSignals {
+        Signals {
             terminate: signal(SignalKind::terminate()).ok(),
             interrupt: signal(SignalKind::interrupt()).ok(),
+            hangup: signal(SignalKind::hangup()).ok(),
         }
     }
 
-    async fn recv(&mut self) {
+    async fn recv(&mut self) -> Signal {
         async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
             match signal {
                 Some(signal) => {
@@ -139,8 +159,9 @@ impl StopSignals {
             }
         }
         tokio::select! {
-            () = next(&mut self.terminate) => {}
-            () = next(&mut self.interrupt) => {}
+            () = next(&mut self.terminate) => Signal::Stop,
+            () = next(&mut self.interrupt) => Signal::Stop,
+            () = next(&mut self.hangup) => Signal::Reload,
         }
     }
 }

@@ -71,6 +71,13 @@ pub struct RouteTemplate {
     param_names: Arc<[Box<str>]>,
 }
 
+/// Two templates are the same route when they were written the same.
+impl PartialEq for RouteTemplate {
+    fn eq(&self, other: &RouteTemplate) -> bool {
+        self.source == other.source
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Segment {
     Literal(Box<str>),

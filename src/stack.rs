@@ -18,9 +18,9 @@ use http_body_util::BodyExt;
 use crate::body::{BoxError, ProxyBody};
 use crate::error::ProxyError;
 use crate::layers::access_log::AccessLogLayer;
-use crate::layers::auth::{AuthLayer, Authenticator, X_AUTH_TOKEN};
+use crate::layers::auth::{AuthLayer, SharedAuthenticator, X_AUTH_TOKEN};
 use crate::layers::once::{OnceLayer, OncePolicy};
-use crate::layers::rate_limit::{RateLimitLayer, RateLimits};
+use crate::layers::rate_limit::{RateLimitLayer, SharedRateLimits};
 use crate::layers::request_id::{drop_unacceptable_id, HexRequestId};
 use crate::layers::rescue::RescueLayer;
 use crate::route::RouteTemplate;
@@ -29,10 +29,10 @@ use crate::upstream::Upstream;
 /// Everything the request layers share.
 pub struct StackParts {
     pub trust_incoming_id: bool,
-    pub rate_limits: Arc<RateLimits>,
+    pub rate_limits: SharedRateLimits,
     pub route: RouteTemplate,
     pub fold_case: bool,
-    pub authenticator: Arc<Authenticator>,
+    pub authenticator: SharedAuthenticator,
     pub once: Arc<OncePolicy>,
     pub upstream: Upstream,
 }

@@ -4,28 +4,58 @@
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
 
 use crate::config::{LogConfig, LogFormat};
 
+/// Swaps the level filter of the installed subscriber (a reload changes `log.level`).
+static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
 /// Installs the global subscriber; `RUST_LOG`, when set, wins over `log.level`.
 pub fn init_logging(config: &LogConfig) {
-    let filter = std::env::var("RUST_LOG")
+    let filter = rust_log_filter().unwrap_or_else(|| EnvFilter::new(&config.level));
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let installed = match config.format {
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+        LogFormat::Pretty => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
+    };
+    if installed.is_ok() {
+        let _ = FILTER.set(handle);
+    }
+}
+
+fn rust_log_filter() -> Option<EnvFilter> {
+    std::env::var("RUST_LOG")
         .ok()
         .and_then(|value| EnvFilter::try_new(value).ok())
-        .unwrap_or_else(|| EnvFilter::new(&config.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match config.format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init(),
-        LogFormat::Pretty => builder.try_init(),
+}
+
+/// Applies a new `log.level`. Returns false when nothing changed: `RUST_LOG` is set (it wins),
+/// or this process did not install the subscriber (tests embedding the proxy).
+pub fn set_log_level(level: &str) -> Result<bool, String> {
+    let Some(handle) = FILTER.get() else {
+        return Ok(false);
     };
+    if rust_log_filter().is_some() {
+        return Ok(false);
+    }
+    let filter = EnvFilter::try_new(level).map_err(|e| format!("log.level: {e}"))?;
+    handle.reload(filter).map_err(|e| e.to_string())?;
+    Ok(true)
 }
 
 /// The process-wide metrics recorder (installed on first use; tests start many apps).

@@ -26,19 +26,63 @@ use crate::net::ConnInfo;
 /// The shortest pause in an upstream body that ends the transfer.
 const MIN_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The pooled client, typed by the upstream's scheme.
-enum Pool {
-    Http(Client<HttpConnector, Incoming>),
-    Https(Client<HttpsConnector<HttpConnector>, Incoming>),
+/// A pooled HTTP/1.1 client, typed by the scheme it talks: the TLS-capable connector wraps
+/// every stream, so an `http` peer goes without it. The upstream and IAM both use one.
+pub enum Pool<B> {
+    Http(Client<HttpConnector, B>),
+    Https(Client<HttpsConnector<HttpConnector>, B>),
 }
 
-impl Pool {
-    fn request(&self, request: Request<Incoming>) -> hyper_util::client::legacy::ResponseFuture {
+impl<B> Pool<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// `ca_file` adds a trusted CA (from `upstream.ca_file`) to the web PKI roots for https.
+    pub fn new(
+        scheme: &Scheme,
+        connect_timeout: Duration,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Pool<B>, String> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect_timeout));
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60));
+        Ok(if *scheme == Scheme::HTTPS {
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls_client_config(ca_file)?)
+                .https_only()
+                .enable_http1()
+                .wrap_connector(http);
+            Pool::Https(builder.build(connector))
+        } else {
+            Pool::Http(builder.build(http))
+        })
+    }
+
+    pub fn request(&self, request: Request<B>) -> hyper_util::client::legacy::ResponseFuture {
         match self {
             Pool::Http(client) => client.request(request),
             Pool::Https(client) => client.request(request),
         }
     }
+}
+
+/// Every source and cause of a client error on one line.
+pub fn describe_client_error(error: &hyper_util::client::legacy::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 #[derive(Clone)]
@@ -47,7 +91,7 @@ pub struct Upstream {
 }
 
 struct Inner {
-    client: Pool,
+    client: Pool<Incoming>,
     scheme: Scheme,
     authority: Authority,
     host: HeaderValue,
@@ -59,26 +103,11 @@ struct Inner {
 
 impl Upstream {
     pub fn new(config: &UpstreamConfig) -> Result<Upstream, String> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(config.connect_timeout));
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60));
-        // The TLS-capable connector wraps every stream: an `http` upstream goes without it.
-        let client = if config.scheme == Scheme::HTTPS {
-            let tls = tls_client_config(config.ca_file.as_deref())?;
-            let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(tls)
-                .https_only()
-                .enable_http1()
-                .wrap_connector(http);
-            Pool::Https(builder.build(connector))
-        } else {
-            Pool::Http(builder.build(http))
-        };
+        let client = Pool::new(
+            &config.scheme,
+            config.connect_timeout,
+            config.ca_file.as_deref(),
+        )?;
         let host = HeaderValue::from_str(config.authority.as_str()).map_err(|e| e.to_string())?;
         Ok(Upstream {
             inner: Arc::new(Inner {
@@ -184,17 +213,6 @@ impl tower::Service<Request<Incoming>> for Upstream {
         let upstream = self.clone();
         Box::pin(async move { upstream.forward(request).await })
     }
-}
-
-fn describe_client_error(error: &hyper_util::client::legacy::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): `Connection`, every header it names, and the fixed list.

@@ -410,3 +410,141 @@ async fn rust_log_overrides_the_configured_level() {
         );
     }
 }
+
+fn sha256_hex(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
+/// A reloaded config for a running `Process`: the same listeners, new `extra` sections.
+fn rewrite_config(proxy: &Process, upstream: &Upstream, extra: &str) {
+    let text = embedded_config(upstream, extra)
+        .replace("{listen}", &proxy.addr.to_string())
+        .replace("{admin}", &proxy.admin.to_string());
+    std::fs::write(proxy.dir.join("oncegate.toml"), text).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sighup_applies_new_tokens_rate_limits_and_log_level_live() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let auth = |token: &str| {
+        format!(
+            "[auth]\nmode = \"static\"\n[[auth.tokens]]\nsha256 = \"{}\"\n",
+            sha256_hex(token)
+        )
+    };
+    let first = format!("{}[log]\nlevel = \"info\"\n", auth("alpha"));
+    let proxy = Process::spawn(dir.path(), &embedded_config(&upstream, &first));
+    let with = |token: &'static str| [("x-auth-token", token)];
+    let served = format!("{ARCHIVES}/before-reload");
+    assert_eq!(
+        request(proxy.addr, "GET", &served, &with("alpha"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        request(proxy.addr, "GET", "/marker-before", &with("beta"))
+            .await
+            .error_code(),
+        "ROMA.1002"
+    );
+    // A download in progress across the reload.
+    let addr = proxy.addr;
+    let running = tokio::spawn(async move {
+        request(
+            addr,
+            "GET",
+            &format!("{ARCHIVES}/trickle-100-reload"),
+            &[("x-auth-token", "alpha")],
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
+    // New token, a global rate limit, a quieter log, and a change that needs a restart.
+    let second = format!(
+        "{}[[rate_limit]]\nkey = \"global\"\nper_second = 0.2\nburst = 4\n[log]\nlevel = \"warn\"\n[trace]\ntrust_incoming = false\n",
+        auth("beta")
+    );
+    rewrite_config(&proxy, &upstream, &second);
+    proxy.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // "config reloaded" is an info event, and this reload turns info off; the warning is seen.
+    while !proxy.stderr().contains("need a restart") {
+        assert!(Instant::now() < deadline, "no reload: {}", proxy.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let statuses = [
+        request(proxy.addr, "GET", "/marker-after", &with("alpha")).await,
+        request(proxy.addr, "GET", "/marker-after", &with("beta")).await,
+        request(proxy.addr, "GET", &served, &with("beta")).await,
+    ];
+    assert_eq!(
+        statuses[0].error_code(),
+        "ROMA.1002",
+        "the old token is gone"
+    );
+    assert_eq!(statuses[1].status, StatusCode::OK, "the new token works");
+    assert_eq!(
+        statuses[2].error_code(),
+        "ROMA.00000101",
+        "ledger state survives a reload"
+    );
+    let mut limited = false;
+    for _ in 0..6 {
+        let reply = request(proxy.addr, "GET", "/marker-after", &with("beta")).await;
+        if reply.status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(reply.error_code(), "APIG.0308");
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "the new rate limit applies");
+    let finished = running.await.unwrap();
+    assert_eq!(finished.status, StatusCode::OK);
+    assert_eq!(
+        finished.body.len(),
+        8 * 64 * 1024,
+        "a running download survives the reload"
+    );
+
+    // An invalid file changes nothing: the rate limit of the second config stays in force.
+    rewrite_config(&proxy, &upstream, "[auth]\nmode = \"sometimes\"\n");
+    proxy.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !proxy.stderr().contains("config reload rejected") {
+        assert!(
+            Instant::now() < deadline,
+            "no rejection: {}",
+            proxy.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        request(proxy.addr, "GET", "/marker-after", &with("beta"))
+            .await
+            .status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let metrics = request(proxy.admin, "GET", "/metrics", &[]).await;
+    let metrics = String::from_utf8_lossy(&metrics.body).to_string();
+    assert!(
+        metrics.contains("oncegate_config_reloads_total{result=\"rejected\"} 1"),
+        "{metrics}"
+    );
+
+    let logs = proxy.terminate_and_read_logs().await;
+    assert!(logs.contains("auth.mode"), "the rejection names the key");
+    let restart = logs
+        .lines()
+        .find(|line| line.contains("need a restart"))
+        .expect("restart-only changes are reported");
+    assert!(restart.contains("trace"), "{restart}");
+    assert!(logs.contains("/marker-before"), "info events before");
+    assert!(
+        !logs.contains("/marker-after"),
+        "no info events after the level became warn"
+    );
+}

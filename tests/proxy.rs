@@ -726,3 +726,99 @@ where
     }
     panic!("condition not met within 2 s");
 }
+
+#[tokio::test]
+async fn admin_archive_api_looks_up_and_resets_on_local_ledgers() {
+    std::env::set_var("ONCEGATE_TEST_ADMIN_TOKEN", "s3cret");
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let stores = [
+        "[store]\nkind = \"memory\"\n".to_string(),
+        format!(
+            "[store]\nkind = \"embedded\"\npath = \"{}\"\n",
+            dir.path().join("admin.redb").display()
+        ),
+    ];
+    for (round, store) in stores.iter().enumerate() {
+        let mut config = config_for(&upstream.url(), store);
+        config.admin.token_env = Some("ONCEGATE_TEST_ADMIN_TOKEN".into());
+        let proxy = oncegate::start(config).await.unwrap();
+        let (addr, admin) = (proxy.addr, proxy.admin_addr);
+        let bearer = [("authorization", "Bearer s3cret")];
+        let id = format!("trickle-100-admin{round}");
+        let key = format!("/archives/proj/inst/{id}");
+
+        for _ in 0..2 {
+            let state = request(admin, "GET", &key, &bearer).await.json();
+            assert_eq!(state["state"], "unseen", "a lookup consumes nothing");
+            assert!(state["record"].is_null());
+        }
+        let path = archive(&id);
+        let running = tokio::spawn(async move { get(addr, &path, &[]).await });
+        let mut state = serde_json::Value::Null;
+        for _ in 0..100 {
+            state = request(admin, "GET", &key, &bearer).await.json();
+            if state["state"] == "in_flight" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(state["state"], "in_flight");
+        assert!(state["record"].is_null());
+        let refused = request(admin, "DELETE", &key, &bearer).await;
+        assert_eq!(
+            refused.status,
+            StatusCode::CONFLICT,
+            "no reset while in flight"
+        );
+        assert_eq!(refused.json()["state"], "in_flight");
+        assert_eq!(running.await.unwrap().status, StatusCode::OK);
+
+        let state = request(admin, "GET", &key, &bearer).await.json();
+        assert_eq!(state["state"], "served");
+        assert_eq!(state["record"]["bytes"], 8 * 64 * 1024);
+        assert_eq!(state["record"]["request_id"].as_str().unwrap().len(), 32);
+        let reset = request(admin, "DELETE", &key, &bearer).await;
+        assert_eq!(reset.status, StatusCode::OK);
+        assert_eq!(reset.json()["reset"], true);
+        assert_eq!(
+            get(addr, &archive(&id), &[]).await.status,
+            StatusCode::OK,
+            "exactly one more download"
+        );
+        assert_eq!(
+            get(addr, &archive(&id), &[]).await.status,
+            StatusCode::FORBIDDEN
+        );
+        let nothing = request(admin, "DELETE", "/archives/proj/inst/never", &bearer).await;
+        assert_eq!(nothing.status, StatusCode::OK);
+        assert_eq!(nothing.json()["reset"], false);
+        assert_eq!(
+            request(admin, "DELETE", &key, &[]).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            request(admin, "DELETE", &key, &[("authorization", "Bearer s3cre")])
+                .await
+                .status,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            get(addr, &archive(&id), &[]).await.status,
+            StatusCode::FORBIDDEN,
+            "refused resets change nothing"
+        );
+        let metrics = request(admin, "GET", "/metrics", &[]).await;
+        let metrics = String::from_utf8_lossy(&metrics.body).to_string();
+        for line in [
+            "oncegate_admin_resets_total{result=\"in_flight\"}",
+            "oncegate_admin_resets_total{result=\"reset\"}",
+            "oncegate_downloads_in_flight",
+            "oncegate_ledger_operation_seconds_bucket{op=\"claim\"",
+        ] {
+            assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+        }
+        proxy.shutdown();
+        proxy.wait().await;
+    }
+}

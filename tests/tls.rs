@@ -129,3 +129,38 @@ async fn https_upstream_is_trusted_through_ca_file() {
         upstream.addr.to_string().replace("127.0.0.1", "localhost")
     );
 }
+
+#[tokio::test]
+async fn https_iam_is_trusted_through_the_upstream_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let keystone = support::keystone::Keystone::start_with_tls("svc", Some(acceptor(&pki))).await;
+    keystone.add_token(
+        TOKEN,
+        Some("proj"),
+        "u-tls",
+        "tls",
+        std::time::Duration::from_secs(3600),
+    );
+    let upstream = Upstream::start().await;
+    std::env::set_var("ONCEGATE_TEST_TLS_IAM_TOKEN", "svc");
+    let auth = format!(
+        "[auth]\nmode = \"iam\"\n[auth.iam]\nurl = \"{}\"\nservice_token_env = \"ONCEGATE_TEST_TLS_IAM_TOKEN\"\n",
+        keystone.url()
+    );
+    let path = format!("{ARCHIVES}/tls-iam");
+
+    // Without the CA, IAM's certificate is not trusted: 503, nothing forwarded.
+    let untrusting = start_proxy(&upstream, &auth).await;
+    let refused = get(untrusting.addr, &path, &[]).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.error_code(), "APIG.0613");
+    assert_eq!(keystone.hits(), 0, "no request got past the handshake");
+
+    let mut config = config_for(&upstream.url(), &auth);
+    config.upstream.ca_file = Some(pki.ca.clone());
+    let trusting = oncegate::start(config).await.unwrap();
+    let reply = get(trusting.addr, &path, &[]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(upstream.hits("/tls-iam")[0].headers["x-user-id"], "u-tls");
+}

@@ -27,16 +27,28 @@ pub enum Outcome {
     RefusedInFlight,
     Released,
     Rejected,
+    /// Released because the upstream failed or answered non-2xx; logged as `released`.
+    UpstreamError,
 }
 
 impl Outcome {
+    /// The log field's value (SPEC §6).
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Served => "served",
             Outcome::RefusedServed => "refused_served",
             Outcome::RefusedInFlight => "refused_in_flight",
-            Outcome::Released => "released",
+            Outcome::Released | Outcome::UpstreamError => "released",
             Outcome::Rejected => "rejected",
+        }
+    }
+
+    /// The `outcome` label of `oncegate_downloads_total`: finer than the log, it tells a broken
+    /// transfer from an upstream failure.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            Outcome::UpstreamError => "upstream_error",
+            other => other.as_str(),
         }
     }
 
@@ -47,6 +59,7 @@ impl Outcome {
             Outcome::RefusedInFlight,
             Outcome::Released,
             Outcome::Rejected,
+            Outcome::UpstreamError,
         ]
         .into_iter()
         .find(|o| *o as u8 == value)
@@ -168,7 +181,8 @@ impl LoggedBody {
         let status = self.status;
         // Both are set on the archive route only (archive: when the path gave a key).
         let archive = entry.note.archive.get().map(String::as_str);
-        let outcome = entry.note.outcome().map(Outcome::as_str);
+        let noted = entry.note.outcome();
+        let outcome = noted.map(Outcome::as_str);
         let _enter = entry.span.enter();
         tracing::info!(
             target: "oncegate::access",
@@ -176,8 +190,9 @@ impl LoggedBody {
             status, duration_ms, bytes = self.bytes, archive, outcome,
             "request"
         );
-        if let Some(outcome) = outcome {
-            metrics::counter!("oncegate_downloads_total", "outcome" => outcome).increment(1);
+        if let Some(noted) = noted {
+            metrics::counter!("oncegate_downloads_total", "outcome" => noted.metric_label())
+                .increment(1);
         }
         let route = if outcome.is_some() {
             "archive"

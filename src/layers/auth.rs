@@ -1,5 +1,5 @@
 //! Authentication (SPEC §5): `presence` checks the token is there and well formed, `static`
-//! matches its SHA-256 against the configured tokens and their projects. Runs before the ledger.
+//! matches its SHA-256 against configured tokens, `iam` asks Keystone. Runs before the ledger.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -7,13 +7,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use arc_swap::ArcSwap;
+use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response};
 use sha2::{Digest, Sha256};
 use tower::{Layer, Service};
 
 use crate::body::ProxyBody;
-use crate::config::AuthConfig;
+use crate::config::{AuthConfig, UpstreamConfig};
 use crate::error::ProxyError;
+use crate::iam::{IamVerifier, Identity};
 use crate::route::{v2_project_segment, RouteMatch};
 
 pub const X_AUTH_TOKEN: &str = "x-auth-token";
@@ -57,6 +60,18 @@ fn presented_token(headers: &HeaderMap) -> Result<&[u8], ProxyError> {
     Ok(token)
 }
 
+/// Identity headers an IAM-verified request carries upstream (keystonemiddleware's names); a
+/// client's own copies are removed first so they cannot be forged.
+const IDENTITY_HEADERS: [&str; 4] = [
+    "x-project-id",
+    "x-user-id",
+    "x-user-name",
+    "x-identity-status",
+];
+
+/// The settings the auth layer reads; swapped whole on a config reload.
+pub type SharedAuthenticator = Arc<ArcSwap<Authenticator>>;
+
 pub struct Authenticator {
     mode: Mode,
     fold_case: bool,
@@ -66,10 +81,16 @@ enum Mode {
     Presence,
     /// Digest → allowed projects (`None`: any).
     Static(HashMap<[u8; 32], Option<Vec<String>>>),
+    Iam(Box<IamVerifier>),
 }
 
 impl Authenticator {
-    pub fn new(config: &AuthConfig, fold_case: bool) -> Authenticator {
+    /// `upstream` gives IAM its CA file and timeouts; fails when IAM's service token is missing.
+    pub fn new(
+        config: &AuthConfig,
+        upstream: &UpstreamConfig,
+        fold_case: bool,
+    ) -> Result<Authenticator, String> {
         let mode = match config {
             AuthConfig::Presence => Mode::Presence,
             AuthConfig::Static(tokens) => Mode::Static(
@@ -78,11 +99,17 @@ impl Authenticator {
                     .map(|t| (t.sha256, t.projects.clone()))
                     .collect(),
             ),
+            AuthConfig::Iam(iam) => Mode::Iam(Box::new(IamVerifier::new(iam, upstream)?)),
         };
-        Authenticator { mode, fold_case }
+        Ok(Authenticator { mode, fold_case })
     }
 
-    /// Checks the request's token; on success returns its digest.
+    /// Whether checking a token needs a call out (and so an async step).
+    fn is_remote(&self) -> bool {
+        matches!(self.mode, Mode::Iam(_))
+    }
+
+    /// Checks the request's token without calling out; on success returns its digest.
     pub fn check<B>(&self, request: &Request<B>) -> Result<TokenDigest, ProxyError> {
         let token = presented_token(request.headers())?;
         let digest = TokenDigest(Sha256::digest(token).into());
@@ -92,20 +119,76 @@ impl Authenticator {
                 let projects = tokens
                     .get(&digest.0)
                     .ok_or(ProxyError::BadToken("is not recognised"))?;
-                if let (Some(allowed), Some(project)) = (projects, project_of(request)) {
-                    let matches = |name: &String| {
-                        if self.fold_case {
-                            name.eq_ignore_ascii_case(&project)
-                        } else {
-                            *name == project
-                        }
-                    };
-                    if !allowed.iter().any(matches) {
-                        return Err(ProxyError::ProjectForbidden);
-                    }
+                if let Some(allowed) = projects {
+                    self.require_project(request, |project| {
+                        allowed.iter().any(|name| self.same_project(name, project))
+                    })?;
                 }
                 Ok(digest)
             }
+            Mode::Iam(_) => Err(ProxyError::Internal),
+        }
+    }
+
+    /// The full check: the local one, or IAM's verdict plus the project match. Marks the request
+    /// with the token's digest (and, after IAM, its identity).
+    pub async fn authenticate<B>(&self, request: &mut Request<B>) -> Result<(), ProxyError> {
+        let Mode::Iam(iam) = &self.mode else {
+            let digest = self.check(request)?;
+            request.extensions_mut().insert(digest);
+            return Ok(());
+        };
+        let token = presented_token(request.headers())?;
+        let digest = TokenDigest(Sha256::digest(token).into());
+        let identity = iam.verify(token, digest.0).await?;
+        self.require_project(request, |project| {
+            identity
+                .project_id
+                .as_deref()
+                .is_some_and(|id| self.same_project(id, project))
+        })?;
+        set_identity_headers(request.headers_mut(), &identity);
+        request.extensions_mut().insert(digest);
+        request.extensions_mut().insert(identity);
+        Ok(())
+    }
+
+    /// 403 when the request is about a project (`/v2/{project_id}/...`) the token may not use.
+    fn require_project<B>(
+        &self,
+        request: &Request<B>,
+        allowed: impl Fn(&str) -> bool,
+    ) -> Result<(), ProxyError> {
+        match project_of(request) {
+            Some(project) if !allowed(&project) => Err(ProxyError::ProjectForbidden),
+            _ => Ok(()),
+        }
+    }
+
+    /// With `fold_case`, `/v2/ABC/...` is the same project (and archive key) as `/v2/abc/...`.
+    fn same_project(&self, name: &str, project: &str) -> bool {
+        if self.fold_case {
+            name.eq_ignore_ascii_case(project)
+        } else {
+            name == project
+        }
+    }
+}
+
+fn set_identity_headers(headers: &mut HeaderMap, identity: &Identity) {
+    for name in IDENTITY_HEADERS {
+        headers.remove(name);
+    }
+    let values = [
+        ("x-project-id", identity.project_id.as_deref()),
+        ("x-user-id", Some(identity.user_id.as_str())),
+        ("x-user-name", Some(identity.user_name.as_str())),
+        ("x-identity-status", Some("Confirmed")),
+    ];
+    for (name, value) in values {
+        // A value a header cannot carry (a control character in a user name) is left out.
+        if let Some(value) = value.and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()) {
+            headers.insert(HeaderName::from_static(name), value);
         }
     }
 }
@@ -121,11 +204,11 @@ fn project_of<B>(request: &Request<B>) -> Option<String> {
 
 #[derive(Clone)]
 pub struct AuthLayer {
-    authenticator: Arc<Authenticator>,
+    authenticator: SharedAuthenticator,
 }
 
 impl AuthLayer {
-    pub fn new(authenticator: Arc<Authenticator>) -> AuthLayer {
+    pub fn new(authenticator: SharedAuthenticator) -> AuthLayer {
         AuthLayer { authenticator }
     }
 }
@@ -143,13 +226,17 @@ impl<S> Layer<S> for AuthLayer {
 #[derive(Clone)]
 pub struct Auth<S> {
     inner: S,
-    authenticator: Arc<Authenticator>,
+    authenticator: SharedAuthenticator,
 }
 
 impl<S, B> Service<Request<B>> for Auth<S>
 where
-    S: Service<Request<B>, Response = Response<ProxyBody>, Error = ProxyError>,
+    S: Service<Request<B>, Response = Response<ProxyBody>, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
+    B: Send + 'static,
 {
     type Response = Response<ProxyBody>;
     type Error = ProxyError;
@@ -160,7 +247,18 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        match self.authenticator.check(&request) {
+        let authenticator = self.authenticator.load();
+        if authenticator.is_remote() {
+            // The service that was polled ready goes into the future; a clone stays behind.
+            let clone = self.inner.clone();
+            let mut inner = std::mem::replace(&mut self.inner, clone);
+            let authenticator = arc_swap::Guard::into_inner(authenticator);
+            return Box::pin(async move {
+                authenticator.authenticate(&mut request).await?;
+                inner.call(request).await
+            });
+        }
+        match authenticator.check(&request) {
             Ok(digest) => {
                 request.extensions_mut().insert(digest);
                 Box::pin(self.inner.call(request))
@@ -176,6 +274,12 @@ mod tests {
     use crate::config::StaticToken;
     use crate::route::RouteTemplate;
 
+    fn upstream() -> UpstreamConfig {
+        crate::config::Config::from_toml("[upstream]\nurl = \"http://127.0.0.1:9\"\n", ".".as_ref())
+            .unwrap()
+            .upstream
+    }
+
     fn request(token: Option<&str>, path: &str) -> Request<()> {
         let mut builder = Request::builder().uri(path);
         if let Some(token) = token {
@@ -189,7 +293,7 @@ mod tests {
 
     #[test]
     fn presence_mode_checks_shape() {
-        let auth = Authenticator::new(&AuthConfig::Presence, true);
+        let auth = Authenticator::new(&AuthConfig::Presence, &upstream(), true).unwrap();
         assert_eq!(
             auth.check(&request(None, "/x")),
             Err(ProxyError::MissingToken)
@@ -230,7 +334,7 @@ mod tests {
                 projects: None,
             },
         ]);
-        let auth = Authenticator::new(&config, true);
+        let auth = Authenticator::new(&config, &upstream(), true).unwrap();
         let archive = "/v2/p1/instances/i/assets/archives/a";
         assert!(auth.check(&request(Some("alpha"), archive)).is_ok());
         assert_eq!(
@@ -250,7 +354,7 @@ mod tests {
             auth.check(&request(Some("beta"), archive)),
             Err(ProxyError::BadToken(_))
         ));
-        let strict = Authenticator::new(&config, false);
+        let strict = Authenticator::new(&config, &upstream(), false).unwrap();
         assert_eq!(
             strict.check(&request(Some("alpha"), "/v2/p1/x")),
             Err(ProxyError::ProjectForbidden)

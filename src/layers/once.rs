@@ -22,6 +22,7 @@ use super::request_id::request_id_of;
 use crate::body::{BoxError, ProxyBody};
 use crate::config::CommitMode;
 use crate::error::{set_no_store, ProxyError};
+use crate::iam::Identity;
 use crate::ledger::{now_ms, ClaimOutcome, Ledger, LedgerError, ServedRecord, Ticket};
 use crate::net::{client_ip, ConnInfo};
 use crate::route::{RejectKind, RouteMatch};
@@ -145,12 +146,7 @@ where
             return Err(ProxyError::StoreUnavailable(e.to_string()));
         }
     };
-    let claim = Claim {
-        ledger: policy.ledger.clone(),
-        ticket: Some(ticket),
-        note: note.clone(),
-        span: tracing::Span::current(),
-    };
+    let mut claim = Claim::new(policy.ledger.clone(), ticket, note.clone());
     let record = RecordDraft {
         key,
         request_id: request_id_of(&request),
@@ -166,13 +162,19 @@ where
             .get::<TokenDigest>()
             .map(TokenDigest::prefix)
             .unwrap_or_default(),
+        user_id: request
+            .extensions()
+            .get::<Arc<Identity>>()
+            .map(|identity| identity.user_id.clone()),
     };
 
     // Errors and non-2xx answers drop `claim`, which gives the key back.
+    claim.release_outcome = Outcome::UpstreamError;
     let mut response = inner.call(request).await?;
     if !response.status().is_success() {
         return Ok(response);
     }
+    claim.release_outcome = Outcome::Released;
     set_no_store(response.headers_mut());
     let expected = content_length(&response);
     match policy.commit {
@@ -218,6 +220,7 @@ struct RecordDraft {
     request_id: String,
     client: String,
     token_sha256_prefix: String,
+    user_id: Option<String>,
 }
 
 impl RecordDraft {
@@ -229,6 +232,7 @@ impl RecordDraft {
             bytes,
             client: self.client,
             token_sha256_prefix: self.token_sha256_prefix,
+            user_id: self.user_id,
         }
     }
 }
@@ -240,9 +244,23 @@ struct Claim {
     note: Arc<AccessNote>,
     /// The request's span, so a release after the response is gone still logs its request id.
     span: tracing::Span,
+    /// How a release is noted: a broken transfer, or an upstream that failed before the body.
+    release_outcome: Outcome,
 }
 
 impl Claim {
+    /// Counted in `oncegate_downloads_in_flight` until committed or released.
+    fn new(ledger: Arc<dyn Ledger>, ticket: Ticket, note: Arc<AccessNote>) -> Claim {
+        metrics::gauge!("oncegate_downloads_in_flight").increment(1.0);
+        Claim {
+            ledger,
+            ticket: Some(ticket),
+            note,
+            span: tracing::Span::current(),
+            release_outcome: Outcome::Released,
+        }
+    }
+
     fn ticket(&self) -> Option<&Ticket> {
         self.ticket.as_ref()
     }
@@ -272,10 +290,11 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
+        metrics::gauge!("oncegate_downloads_in_flight").decrement(1.0);
         let Some(ticket) = self.ticket.take() else {
             return;
         };
-        self.note.set_outcome(Outcome::Released);
+        self.note.set_outcome(self.release_outcome);
         let ledger = self.ledger.clone();
         let release = async move {
             if let Err(e) = ledger.release(&ticket).await {

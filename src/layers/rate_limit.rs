@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 use http::{Request, Response};
@@ -27,6 +28,19 @@ enum Limiter {
     Token(DefaultKeyedRateLimiter<[u8; 16]>),
     Global(DefaultDirectRateLimiter),
 }
+
+impl Limiter {
+    fn label(&self) -> &'static str {
+        match self {
+            Limiter::Ip(_) => "ip",
+            Limiter::Token(_) => "token",
+            Limiter::Global(_) => "global",
+        }
+    }
+}
+
+/// The limits the rate-limit layer reads; swapped whole (state and all) on a config reload.
+pub type SharedRateLimits = Arc<ArcSwap<RateLimits>>;
 
 pub struct RateLimits {
     limiters: Vec<Limiter>,
@@ -81,6 +95,8 @@ impl RateLimits {
                 Limiter::Global(limiter) => limiter.check(),
             };
             if let Err(not_until) = verdict {
+                metrics::counter!("oncegate_rate_limited_total", "key" => limiter.label())
+                    .increment(1);
                 return Err(not_until.wait_time_from(self.clock.now()));
             }
         }
@@ -107,11 +123,11 @@ impl RateLimits {
 
 #[derive(Clone)]
 pub struct RateLimitLayer {
-    limits: Arc<RateLimits>,
+    limits: SharedRateLimits,
 }
 
 impl RateLimitLayer {
-    pub fn new(limits: Arc<RateLimits>) -> RateLimitLayer {
+    pub fn new(limits: SharedRateLimits) -> RateLimitLayer {
         RateLimitLayer { limits }
     }
 }
@@ -129,7 +145,7 @@ impl<S> Layer<S> for RateLimitLayer {
 #[derive(Clone)]
 pub struct RateLimit<S> {
     inner: S,
-    limits: Arc<RateLimits>,
+    limits: SharedRateLimits,
 }
 
 impl<S, B> Service<Request<B>> for RateLimit<S>
@@ -146,8 +162,7 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        if let Err(retry_after) = self.limits.check(&request) {
-            metrics::counter!("oncegate_rate_limited_total").increment(1);
+        if let Err(retry_after) = self.limits.load().check(&request) {
             return Box::pin(std::future::ready(Err(ProxyError::RateLimited {
                 retry_after,
             })));

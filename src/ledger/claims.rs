@@ -226,6 +226,7 @@ mod tests {
             bytes: 1,
             client: "127.0.0.1".into(),
             token_sha256_prefix: "abcd".into(),
+            user_id: None,
         }
     }
 

@@ -102,6 +102,7 @@ fn load_records(db: &Database, claims: &ClaimMap) -> Result<Vec<String>, redb::E
                 bytes: 0,
                 client: String::new(),
                 token_sha256_prefix: String::new(),
+                user_id: None,
             }),
         }
     }
@@ -229,6 +230,7 @@ mod tests {
             request_id: "req-1".into(),
             bytes: 42,
             client: "127.0.0.1".into(),
+            user_id: None,
             token_sha256_prefix: "0123456789abcdef".into(),
         }
     }

@@ -5,6 +5,7 @@ mod claims;
 pub mod embedded;
 pub mod memory;
 pub mod redis;
+pub mod timed;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,6 +25,9 @@ pub struct ServedRecord {
     pub bytes: u64,
     pub client: String,
     pub token_sha256_prefix: String,
+    /// The IAM user id of the token (`auth.mode = "iam"` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
 }
 
 impl ServedRecord {

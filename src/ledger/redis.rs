@@ -165,6 +165,7 @@ impl RedisLedger {
                             bytes: 0,
                             client: String::new(),
                             token_sha256_prefix: String::new(),
+                            user_id: None,
                         }),
                     )),
                     None => KeyState::InFlight,

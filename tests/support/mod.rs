@@ -2,6 +2,8 @@
 //! as the real binary, and small HTTP clients (pooled, and raw for hand-made request lines).
 #![allow(dead_code)]
 
+pub mod keystone;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,6 +32,33 @@ pub struct Seen {
     pub method: String,
     pub path_and_query: String,
     pub headers: HeaderMap,
+}
+
+/// Serves one accepted connection (HTTP/1.1 or HTTP/2), over TLS when `acceptor` is given.
+pub async fn serve_connection<S, B>(
+    stream: TcpStream,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    service: S,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let _ = match acceptor {
+        None => {
+            builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+        }
+        Some(acceptor) => match acceptor.accept(stream).await {
+            Ok(tls) => builder.serve_connection(TokioIo::new(tls), service).await,
+            Err(_) => return,
+        },
+    };
 }
 
 /// A real upstream on a free loopback port. The archive id picks its behaviour:
@@ -68,25 +97,10 @@ impl Upstream {
                     continue;
                 };
                 let seen = task_seen.clone();
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
-                        upstream_handle(seen.clone(), request)
-                    });
-                    let builder =
-                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    let _ = match acceptor {
-                        None => {
-                            builder
-                                .serve_connection(TokioIo::new(stream), service)
-                                .await
-                        }
-                        Some(acceptor) => match acceptor.accept(stream).await {
-                            Ok(tls) => builder.serve_connection(TokioIo::new(tls), service).await,
-                            Err(_) => return,
-                        },
-                    };
+                let service = hyper::service::service_fn(move |request| {
+                    upstream_handle(seen.clone(), request)
                 });
+                tokio::spawn(serve_connection(stream, acceptor.clone(), service));
             }
         });
         Upstream {
