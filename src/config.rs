@@ -32,6 +32,13 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<IpNet>,
     pub tls: Option<TlsFiles>,
     pub shutdown_grace: Duration,
+    /// How long a client may take to send a request's headers (and an idle keep-alive
+    /// connection may wait for the next request).
+    pub header_read_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Largest request body forwarded, in bytes (413 above it).
+    pub max_request_body: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +55,8 @@ pub struct UpstreamConfig {
     pub path_prefix: String,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    /// A body that pauses this long is cut (the transfer breaks and the claim is released).
+    pub body_idle_timeout: Duration,
     pub ca_file: Option<PathBuf>,
     pub preserve_host: bool,
 }
@@ -317,6 +326,9 @@ struct RawServer {
     tls_cert: Option<String>,
     tls_key: Option<String>,
     shutdown_grace: String,
+    header_read_timeout: String,
+    max_connections: usize,
+    max_request_body: u64,
 }
 
 impl Default for RawServer {
@@ -327,6 +339,9 @@ impl Default for RawServer {
             tls_cert: None,
             tls_key: None,
             shutdown_grace: "30s".into(),
+            header_read_timeout: "30s".into(),
+            max_connections: 10_000,
+            max_request_body: 10 * 1024 * 1024,
         }
     }
 }
@@ -337,6 +352,7 @@ struct RawUpstream {
     url: Option<String>,
     connect_timeout: String,
     response_timeout: String,
+    body_idle_timeout: Option<String>,
     ca_file: Option<String>,
     preserve_host: bool,
 }
@@ -347,6 +363,7 @@ impl Default for RawUpstream {
             url: None,
             connect_timeout: "3s".into(),
             response_timeout: "30s".into(),
+            body_idle_timeout: None,
             ca_file: None,
             preserve_host: false,
         }
@@ -618,7 +635,16 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Option<C
             }
         },
         shutdown_grace: check.duration("server.shutdown_grace", &raw.server.shutdown_grace),
+        header_read_timeout: check.positive_duration(
+            "server.header_read_timeout",
+            &raw.server.header_read_timeout,
+        ),
+        max_connections: raw.server.max_connections,
+        max_request_body: raw.server.max_request_body,
     };
+    if server.max_connections == 0 {
+        check.problem("server.max_connections", "must be at least 1");
+    }
 
     let upstream = validate_upstream(&raw.upstream, &mut check);
     let auth = validate_auth(raw.auth, &mut check);
@@ -722,6 +748,11 @@ fn validate_upstream(raw: &RawUpstream, check: &mut Checker<'_>) -> Option<Upstr
     let connect_timeout = check.positive_duration("upstream.connect_timeout", &raw.connect_timeout);
     let response_timeout =
         check.positive_duration("upstream.response_timeout", &raw.response_timeout);
+    // Unset: the response timeout, but at least a minute, so a slow archive may pause.
+    let body_idle_timeout = match raw.body_idle_timeout.as_deref() {
+        Some(value) => check.positive_duration("upstream.body_idle_timeout", value),
+        None => response_timeout.max(Duration::from_secs(60)),
+    };
     let ca_file = raw.ca_file.as_deref().map(|p| check.path(p));
     let (scheme, authority, path_prefix) = check.http_url("upstream.url", raw.url.as_deref())?;
     Some(UpstreamConfig {
@@ -730,6 +761,7 @@ fn validate_upstream(raw: &RawUpstream, check: &mut Checker<'_>) -> Option<Upstr
         path_prefix,
         connect_timeout,
         response_timeout,
+        body_idle_timeout,
         ca_file,
         preserve_host: raw.preserve_host,
     })

@@ -54,6 +54,7 @@ impl DemoUpstream {
             path_prefix: String::new(),
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(10),
+            body_idle_timeout: Duration::from_secs(60),
             ca_file: None,
             preserve_host: false,
         }
@@ -79,7 +80,11 @@ pub async fn start_upstream() -> Result<DemoUpstream, String> {
         None,
         service,
         std::future::pending(),
-        Duration::ZERO,
+        crate::server::Limits {
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            grace: Duration::ZERO,
+        },
     ));
     Ok(DemoUpstream {
         addr,

@@ -32,6 +32,8 @@ pub enum ProxyError {
     BadParameter(&'static str),
     #[error("rate limit exceeded")]
     RateLimited { retry_after: Duration },
+    #[error("request body larger than {0} bytes")]
+    PayloadTooLarge(u64),
     #[error("upstream unreachable: {0}")]
     UpstreamUnreachable(String),
     #[error("upstream did not answer in time")]
@@ -55,6 +57,7 @@ impl ProxyError {
             ProxyError::DownloadInProgress => StatusCode::CONFLICT,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::IamUnavailable(_) | ProxyError::StoreUnavailable(_) => {
@@ -74,6 +77,7 @@ impl ProxyError {
             ProxyError::NonCanonicalPath(_) | ProxyError::MethodNotAllowed => "ROMA.1007",
             ProxyError::BadParameter(_) => "ROMA.13000",
             ProxyError::RateLimited { .. } => "APIG.0308",
+            ProxyError::PayloadTooLarge(_) => "APIG.0201",
             ProxyError::UpstreamUnreachable(_) => "APIC.0202",
             ProxyError::UpstreamTimeout => "APIC.0203",
             ProxyError::IamUnavailable(_) => "APIG.0613",
@@ -93,6 +97,7 @@ impl ProxyError {
             ProxyError::MethodNotAllowed => "method not allowed",
             ProxyError::BadParameter(_) => "invalid path parameter",
             ProxyError::RateLimited { .. } => "too many requests",
+            ProxyError::PayloadTooLarge(_) => "request entity too large",
             ProxyError::UpstreamUnreachable(_) => "bad gateway",
             ProxyError::UpstreamTimeout => "gateway timeout",
             ProxyError::IamUnavailable(_) | ProxyError::StoreUnavailable(_) => {
@@ -118,6 +123,9 @@ impl ProxyError {
             ProxyError::BadParameter(why) => (*why).into(),
             ProxyError::RateLimited { retry_after } => {
                 format!("retry after {} s", retry_after_secs(*retry_after))
+            }
+            ProxyError::PayloadTooLarge(limit) => {
+                format!("the request body is larger than {limit} bytes")
             }
             ProxyError::UpstreamUnreachable(why) => format!("upstream unreachable: {why}"),
             ProxyError::UpstreamTimeout => "the upstream did not answer in time".into(),

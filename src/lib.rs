@@ -37,6 +37,9 @@ use crate::ledger::Ledger;
 use crate::reload::{Live, ReloadReport};
 use crate::upstream::Upstream;
 
+/// Scrapes and operators: a small, separate budget so proxy load cannot starve the admin port.
+const ADMIN_MAX_CONNECTIONS: usize = 256;
+
 /// A started proxy: its bound addresses and the handle to stop it.
 pub struct Running {
     pub addr: SocketAddr,
@@ -77,7 +80,7 @@ pub fn check_resources(config: &Config) -> Result<(), Vec<String>> {
             problems.push(e);
         }
     }
-    if let Err(e) = Upstream::new(&config.upstream) {
+    if let Err(e) = Upstream::new(&config.upstream, config.server.max_request_body) {
         problems.push(e);
     }
     if let Err(e) = admin_token(config) {
@@ -116,7 +119,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
         Some(files) => Some(server::tls_acceptor(&files.cert, &files.key)?),
         None => None,
     };
-    let upstream = Upstream::new(&config.upstream)?;
+    let upstream = Upstream::new(&config.upstream, config.server.max_request_body)?;
     let admin_token = admin_token(&config)?;
     let authenticator = Authenticator::new(&config.auth, &config.upstream, config.once.fold_case)?;
     let ledger: Arc<dyn Ledger> = match &config.store {
@@ -188,13 +191,21 @@ pub async fn start(config: Config) -> Result<Running, String> {
         None,
         admin_service,
         wait_for(stopped.clone()),
-        Duration::from_secs(1),
+        server::Limits {
+            header_read_timeout: config.server.header_read_timeout,
+            max_connections: ADMIN_MAX_CONNECTIONS,
+            grace: Duration::from_secs(1),
+        },
     ));
-    let grace = config.server.shutdown_grace;
+    let limits = server::Limits {
+        header_read_timeout: config.server.header_read_timeout,
+        max_connections: config.server.max_connections,
+        grace: config.server.shutdown_grace,
+    };
     let live = Arc::new(Live::new(config, authenticator, rate_limits));
     let task_ledger = ledger.clone();
     let task = tokio::spawn(async move {
-        server::serve(listener, tls, stack, wait_for(stopped), grace).await;
+        server::serve(listener, tls, stack, wait_for(stopped), limits).await;
         housekeeping.abort();
         if let Err(e) = task_ledger.flush().await {
             tracing::error!(error = %e, "could not flush the ledger");

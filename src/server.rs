@@ -16,14 +16,13 @@ use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tower::{Service, ServiceExt};
 
 use crate::body::ProxyBody;
 use crate::net::ConnInfo;
 
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest request header block accepted over HTTP/2 (HTTP/1 allows about 400 KiB).
 const MAX_HEADER_LIST: u32 = 256 * 1024;
 /// How long a TLS handshake may take.
@@ -58,13 +57,24 @@ pub async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, String> {
         .map_err(|e| format!("{key} {addr}: cannot listen: {e}"))
 }
 
-/// Serves connections until `shutdown` resolves, then waits up to `grace` for open ones.
+/// What one listener allows its clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// For a request's headers, and for an idle keep-alive connection's next request.
+    pub header_read_timeout: Duration,
+    /// Connections served at once; further ones wait in the kernel's listen backlog.
+    pub max_connections: usize,
+    /// How long running requests may finish after `shutdown`.
+    pub grace: Duration,
+}
+
+/// Serves connections until `shutdown` resolves, then waits up to `limits.grace` for open ones.
 pub async fn serve<S>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     service: S,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
+    limits: Limits,
 ) where
     S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible, Future: Send>
         + Clone
@@ -75,7 +85,7 @@ pub async fn serve<S>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(limits.header_read_timeout);
     // Tokens may be 100000 characters (SPEC §1): HTTP/2's default 16 KiB header list is too small.
     builder
         .http2()
@@ -83,8 +93,17 @@ pub async fn serve<S>(
         .max_header_list_size(MAX_HEADER_LIST);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
+        // At the limit nothing is accepted: new clients wait in the backlog, not in memory.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -111,6 +130,7 @@ pub async fn serve<S>(
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let result = match tls {
                 None => {
                     watcher
@@ -138,6 +158,6 @@ pub async fn serve<S>(
     drop(listener);
     tokio::select! {
         () = graceful.shutdown() => {}
-        () = tokio::time::sleep(grace) => tracing::warn!("shutdown grace period over; closing remaining connections"),
+        () = tokio::time::sleep(limits.grace) => tracing::warn!("shutdown grace period over; closing remaining connections"),
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -22,9 +22,6 @@ use crate::body::ProxyBody;
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
 use crate::net::ConnInfo;
-
-/// The shortest pause in an upstream body that ends the transfer.
-const MIN_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A pooled HTTP/1.1 client, typed by the scheme it talks: the TLS-capable connector wraps
 /// every stream, so an `http` peer goes without it. The upstream and IAM both use one.
@@ -90,8 +87,12 @@ pub struct Upstream {
     inner: Arc<Inner>,
 }
 
+/// A client's request body on its way upstream, cut at `server.max_request_body`.
+type RequestBody = Limited<Incoming>;
+
 struct Inner {
-    client: Pool<Incoming>,
+    client: Pool<RequestBody>,
+    max_request_body: u64,
     scheme: Scheme,
     authority: Authority,
     host: HeaderValue,
@@ -102,7 +103,7 @@ struct Inner {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig) -> Result<Upstream, String> {
+    pub fn new(config: &UpstreamConfig, max_request_body: u64) -> Result<Upstream, String> {
         let client = Pool::new(
             &config.scheme,
             config.connect_timeout,
@@ -112,12 +113,13 @@ impl Upstream {
         Ok(Upstream {
             inner: Arc::new(Inner {
                 client,
+                max_request_body,
                 scheme: config.scheme.clone(),
                 authority: config.authority.clone(),
                 host,
                 path_prefix: config.path_prefix.clone(),
                 response_timeout: config.response_timeout,
-                body_idle_timeout: config.response_timeout.max(MIN_BODY_IDLE_TIMEOUT),
+                body_idle_timeout: config.body_idle_timeout,
                 preserve_host: config.preserve_host,
             }),
         })
@@ -131,7 +133,17 @@ impl Upstream {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let inner = &self.inner;
         let conn = request.extensions().get::<ConnInfo>().copied();
+        let limit = inner.max_request_body;
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|length| length > limit) {
+            return Err(ProxyError::PayloadTooLarge(limit));
+        }
         let (mut parts, body) = request.into_parts();
+        let body = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
         // HTTP/2 clients send the host as :authority only.
         let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
             let authority = parts.uri.authority()?;
@@ -161,6 +173,7 @@ impl Upstream {
             .record(started.elapsed().as_secs_f64());
         let response = match result {
             Err(_) => return Err(ProxyError::UpstreamTimeout),
+            Ok(Err(e)) if is_body_limit(&e) => return Err(ProxyError::PayloadTooLarge(limit)),
             Ok(Err(e)) => return Err(ProxyError::UpstreamUnreachable(describe_client_error(&e))),
             Ok(Ok(response)) => response,
         };
@@ -213,6 +226,18 @@ impl tower::Service<Request<Incoming>> for Upstream {
         let upstream = self.clone();
         Box::pin(async move { upstream.forward(request).await })
     }
+}
+
+/// Whether sending failed because the client's body went past `server.max_request_body`.
+fn is_body_limit(error: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause.is::<LengthLimitError>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): `Connection`, every header it names, and the fixed list.

@@ -1,5 +1,5 @@
-//! The rescue step: the one place where a `ProxyError` from any inner layer becomes its
-//! ROMA-shaped response, stamped with the request id.
+//! The rescue step: the one place where a `ProxyError` (or a panic) from any inner layer becomes
+//! its ROMA-shaped response, stamped with the request id.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -7,6 +7,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt;
 use http::{header, Request, Response, Version};
 use tower::{Layer, Service};
 
@@ -59,11 +62,24 @@ where
         // An early answer leaves an unread request body on the connection: HTTP/1 clients are
         // told to close rather than have the body parsed as the next request.
         let close = request.version() <= Version::HTTP_11 && has_body(&request);
-        let response = self.inner.call(request);
+        // A bug must cost one request a 500, never the connection or the process.
+        let inner = &mut self.inner;
+        let response = match std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(request))) {
+            Ok(response) => AssertUnwindSafe(response).catch_unwind(),
+            Err(_) => {
+                tracing::error!("request handler panicked");
+                let response = ProxyError::Internal.into_response(&request_id, close);
+                return Box::pin(std::future::ready(Ok(response)));
+            }
+        };
         Box::pin(async move {
             Ok(match response.await {
-                Ok(response) => response,
-                Err(error) => {
+                Ok(Ok(response)) => response,
+                Err(_) => {
+                    tracing::error!("request handler panicked");
+                    ProxyError::Internal.into_response(&request_id, close)
+                }
+                Ok(Err(error)) => {
                     if let Some((note, key)) = archive_note {
                         if let Some(key) = key {
                             note.set_archive(&key);
@@ -89,4 +105,51 @@ fn has_body<B>(request: &Request<B>) -> bool {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim() != "0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    async fn answer<S>(service: S) -> (http::StatusCode, serde_json::Value)
+    where
+        S: Service<Request<()>, Response = Response<ProxyBody>, Error = ProxyError>,
+        S::Future: Send + 'static,
+    {
+        let mut request = Request::new(());
+        request
+            .extensions_mut()
+            .insert(tower_http::request_id::RequestId::new(
+                http::HeaderValue::from_static("panic-1"),
+            ));
+        let response = RescueLayer.layer(service).oneshot(request).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn panics_become_a_500_with_the_request_id() {
+        let in_future = tower::service_fn(|_: Request<()>| async {
+            if true {
+                panic!("bug while handling");
+            }
+            Ok::<Response<ProxyBody>, ProxyError>(Response::new(crate::body::full("")))
+        });
+        let (status, body) = answer(in_future).await;
+        assert_eq!(status, http::StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(body["error_code"], "APIC.0000");
+        assert_eq!(body["request_id"], "panic-1");
+
+        let in_call = tower::service_fn(
+            |_: Request<()>| -> std::future::Ready<Result<Response<ProxyBody>, ProxyError>> {
+                panic!("bug before the future")
+            },
+        );
+        let (status, body) = answer(in_call).await;
+        assert_eq!(status, http::StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(body["request_id"], "panic-1");
+    }
 }

@@ -17,6 +17,9 @@ use super::{
 /// key: the archive key; value: the record as JSON (readable with any redb tool, easy to extend).
 const SERVED: TableDefinition<&str, &[u8]> = TableDefinition::new("served");
 
+/// One small row rewritten to find out whether the disk takes writes again after a failure.
+const PROBE: TableDefinition<&str, u64> = TableDefinition::new("probe");
+
 /// How many queued writes one transaction (one fsync) takes at most.
 const MAX_BATCH: usize = 4096;
 
@@ -24,6 +27,8 @@ enum WriteOp {
     Put(ServedRecord),
     Delete(Vec<String>),
     Flush,
+    /// A real write that needs free space, tried while the ledger is failing.
+    Probe,
 }
 
 type WriteRequest = (WriteOp, oneshot::Sender<Result<(), String>>);
@@ -52,7 +57,10 @@ impl EmbeddedLedger {
         let thread_health = healthy.clone();
         std::thread::Builder::new()
             .name("oncegate-ledger".into())
-            .spawn(move || write_loop(db, queue, thread_health))
+            .spawn({
+                let path = path.to_path_buf();
+                move || write_loop(db, &path, queue, thread_health)
+            })
             .map_err(|e| unavailable(&e))?;
         let ledger = EmbeddedLedger {
             claims,
@@ -110,8 +118,15 @@ fn load_records(db: &Database, claims: &ClaimMap) -> Result<Vec<String>, redb::E
 }
 
 /// The single writer: drains whatever is queued into one transaction, so concurrent commits
-/// share one fsync (group commit).
-fn write_loop(db: Database, queue: mpsc::Receiver<WriteRequest>, healthy: Arc<AtomicBool>) {
+/// share one fsync (group commit). After a failed write redb refuses all further I/O on that
+/// handle, so the file is closed and opened again for the next write (redb repairs it if needed).
+fn write_loop(
+    db: Database,
+    path: &Path,
+    queue: mpsc::Receiver<WriteRequest>,
+    healthy: Arc<AtomicBool>,
+) {
+    let mut db = Some(db);
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -120,7 +135,20 @@ fn write_loop(db: Database, queue: mpsc::Receiver<WriteRequest>, healthy: Arc<At
                 Err(_) => break,
             }
         }
-        let result = write_batch(&db, batch.iter().map(|(op, _)| op)).map_err(|e| e.to_string());
+        if db.is_none() {
+            db = Database::create(path)
+                .inspect_err(|e| tracing::warn!(error = %e, "cannot reopen the ledger file"))
+                .ok();
+        }
+        let result = match &db {
+            Some(open) => {
+                write_batch(open, batch.iter().map(|(op, _)| op)).map_err(|e| e.to_string())
+            }
+            None => Err("the ledger file cannot be opened".to_string()),
+        };
+        if result.is_err() {
+            db = None;
+        }
         healthy.store(result.is_ok(), Ordering::Relaxed);
         if let Err(e) = &result {
             tracing::error!(error = %e, "ledger write failed");
@@ -149,6 +177,10 @@ fn write_batch<'a>(
                         table.remove(key.as_str())?;
                     }
                 }
+                WriteOp::Probe => {
+                    txn.open_table(PROBE)?
+                        .insert("last_probe_ms", super::now_ms())?;
+                }
                 WriteOp::Flush => {}
             }
         }
@@ -160,6 +192,18 @@ fn write_batch<'a>(
 #[async_trait]
 impl Ledger for EmbeddedLedger {
     async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, LedgerError> {
+        // Fail closed while the file cannot be written (disk full, read-only, I/O error): a
+        // download now could not be recorded. The sweep's probe notices when writes work again.
+        // What is already known is still answered: a served key stays refused.
+        if !self.healthy.load(Ordering::Relaxed) {
+            return match self.claims.lookup(key) {
+                KeyState::Served(record) => Ok(ClaimOutcome::Served(record)),
+                KeyState::InFlight => Ok(ClaimOutcome::InFlight),
+                KeyState::Unseen => Err(LedgerError::Unavailable(
+                    "the ledger file cannot be written".into(),
+                )),
+            };
+        }
         Ok(self.claims.claim(key, lease))
     }
 
@@ -206,6 +250,12 @@ impl Ledger for EmbeddedLedger {
     }
 
     async fn sweep(&self) {
+        if !self.healthy.load(Ordering::Relaxed) {
+            match self.write(WriteOp::Probe).await {
+                Ok(()) => tracing::info!("ledger file writable again; taking claims"),
+                Err(e) => tracing::warn!(error = %e, "ledger file still not writable"),
+            }
+        }
         let expired = self.claims.sweep();
         if !expired.is_empty() {
             if let Err(e) = self.write(WriteOp::Delete(expired)).await {

@@ -4,7 +4,6 @@
 
 pub mod keystone;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -63,7 +62,8 @@ pub async fn serve_connection<S, B>(
 
 /// A real upstream on a free loopback port. The archive id picks its behaviour:
 /// `big-<MiB>-*` streams that many MiB (with Content-Length), `chunked-*` streams without a
-/// length, `fail-*` answers 500, `reset-*` breaks the connection mid-body, `slow-<ms>-*` waits
+/// length, `fail-*` answers 500, `reset-*` breaks the connection mid-body, `hangup-*` closes it
+/// before any response, `short-*` sends less than its Content-Length, `slow-<ms>-*` waits
 /// before the headers, `trickle-<ms>-*` sends 8 chunks <ms> apart; anything else gets
 /// `body_for(path)`.
 pub struct Upstream {
@@ -143,7 +143,7 @@ type UpstreamBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 async fn upstream_handle(
     seen: Arc<Mutex<Vec<Seen>>>,
     request: Request<Incoming>,
-) -> Result<Response<UpstreamBody>, Infallible> {
+) -> Result<Response<UpstreamBody>, BoxError> {
     let path = request.uri().path().to_string();
     seen.lock().unwrap().push(Seen {
         method: request.method().to_string(),
@@ -190,6 +190,20 @@ async fn upstream_handle(
                     2 => Some((Err::<Frame<Bytes>, BoxError>("upstream reset".into()), i + 1)),
                     _ => None,
                 }
+            });
+            Response::builder()
+                .header("content-length", (16 * 64 * 1024).to_string())
+                .body(StreamBody::new(stream).boxed())
+                .unwrap()
+        }
+        // The connection is dropped before any response.
+        "hangup" => return Err("upstream hangs up".into()),
+        // Content-Length promises 16 chunks; 4 come, then the body ends.
+        "short" => {
+            // Paced, so the headers and the first chunks are on the wire before the body ends.
+            let stream = futures_util::stream::unfold(0usize, |i| async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                (i < 4).then(|| (Ok::<_, BoxError>(Frame::data(big_chunk(i))), i + 1))
             });
             Response::builder()
                 .header("content-length", (16 * 64 * 1024).to_string())
