@@ -1,5 +1,5 @@
-//! Feeds arbitrary strings to the archive route check of the default template
-//! and asserts the invariants of `oncegate::route`:
+//! Feeds arbitrary strings to the archive route check (the default template and a second
+//! shape) and asserts the invariants of `oncegate::route`:
 //!
 //! - `classify` never panics, and `fold_case` changes only the key, never the verdict;
 //! - an Archive only comes from a plain path: no '%', '\\', ';', "//", control or
@@ -15,27 +15,36 @@ use libfuzzer_sys::fuzz_target;
 use oncegate::route::{ArchiveKey, RouteMatch, RouteTemplate};
 
 const DEFAULT_ROUTE: &str = "/v2/{project_id}/instances/{instance_id}/assets/archives/{archive_id}";
+/// A second shape: a literal segment after the last placeholder.
+const OTHER_ROUTE: &str = "/files/{a}/{b}/raw";
 
-fn template() -> &'static RouteTemplate {
-    static TEMPLATE: OnceLock<RouteTemplate> = OnceLock::new();
-    TEMPLATE.get_or_init(|| {
-        RouteTemplate::parse(DEFAULT_ROUTE).expect("the default route template parses")
+fn templates() -> &'static [RouteTemplate; 2] {
+    static TEMPLATES: OnceLock<[RouteTemplate; 2]> = OnceLock::new();
+    TEMPLATES.get_or_init(|| {
+        [DEFAULT_ROUTE, OTHER_ROUTE]
+            .map(|route| RouteTemplate::parse(route).expect("the fuzzed route templates parse"))
     })
 }
 
 fuzz_target!(|data: &[u8]| {
     // Lossy conversion keeps every input useful; invalid bytes become U+FFFD.
     let input = String::from_utf8_lossy(data);
-    let template = template();
+    let [default, other] = templates();
     // Besides the input itself, splice it where it reaches deep states quickly:
-    // the archive_id position, and right after the project prefix.
-    let candidates = [
+    // a placeholder position, and right after a literal prefix.
+    for path in [
         input.to_string(),
         format!("/v2/p/instances/i/assets/archives/{input}"),
         format!("/v2/{input}"),
-    ];
-    for path in &candidates {
-        check(template, path);
+    ] {
+        check(default, &path);
+    }
+    for path in [
+        input.to_string(),
+        format!("/files/x/{input}/raw"),
+        format!("/files/{input}"),
+    ] {
+        check(other, &path);
     }
 });
 

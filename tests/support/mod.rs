@@ -304,6 +304,18 @@ pub async fn request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Reply {
+    try_request(addr, method, path, headers)
+        .await
+        .expect("request")
+}
+
+/// Like `request`, but `None` when the connection ends without a response.
+pub async fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<Reply> {
     let mut builder = Request::builder()
         .method(method)
         .uri(format!("http://{addr}{path}"));
@@ -313,18 +325,18 @@ pub async fn request(
     let response = client()
         .request(builder.body(Empty::new()).unwrap())
         .await
-        .expect("request");
+        .ok()?;
     let (parts, body) = response.into_parts();
     let body = body
         .collect()
         .await
         .map(|c| c.to_bytes())
         .unwrap_or_default();
-    Reply {
+    Some(Reply {
         status: parts.status,
         headers: parts.headers,
         body,
-    }
+    })
 }
 
 /// Sends `head` (request line and headers, without the final blank line) as is, with
