@@ -82,10 +82,7 @@ fn run(
     config_path: Option<&std::path::Path>,
 ) -> ExitCode {
     oncegate::telemetry::init_logging(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime_builder().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => return fail(&format!("cannot start the runtime: {e}")),
     };
@@ -129,6 +126,20 @@ fn run(
 enum Signal {
     Stop,
     Reload,
+}
+
+/// One worker (`TOKIO_WORKER_THREADS=1`, or a single CPU) gets the current-thread scheduler:
+/// the work-stealing one would only add cross-thread bookkeeping to every task wake-up.
+fn runtime_builder() -> tokio::runtime::Builder {
+    let workers = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|value| value.trim().parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
 }
 
 /// SIGTERM and SIGINT (stop) and SIGHUP (reload), listened for from before the proxy starts so

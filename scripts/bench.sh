@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Builds the release binary, writes one bench config per ledger (memory, embedded, redis; no
+# rate limits, presence auth, log level warn) and runs the shared loopback harness with them as
+# extra targets next to nginx and haproxy. Extra arguments and the harness's environment
+# (PROFILE, MODES, WORKLOADS, DURATION, PEERS) pass through, e.g.
+#   scripts/bench.sh                      # PROFILE=quick by default
+#   PROFILE=full scripts/bench.sh
+#   TARGETS="mem emb" scripts/bench.sh    # a subset of the ledgers
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+harness=${BENCH_HARNESS:-$root/../shared/bench/run.sh}
+[[ -f $harness ]] || { echo "bench.sh: no harness at $harness (set BENCH_HARNESS)" >&2; exit 2; }
+work=${BENCH_WORK:-/tmp/oncegate-bench}
+targets=${TARGETS:-mem emb redis}
+export PROFILE=${PROFILE:-quick}
+
+cargo build --release --locked --manifest-path "$root/Cargo.toml"
+mkdir -p "$work"
+cp "$root/target/release/oncegate" "$work/oncegate"
+
+redis_port=18379
+args=()
+port=18083
+for target in $targets; do
+  case $target in
+    mem) store='kind = "memory"' ;;
+    emb) rm -f "$work/emb.redb"; store="kind = \"embedded\"
+path = \"$work/emb.redb\"" ;;
+    redis)
+      command -v redis-server >/dev/null || { echo "bench.sh: redis-server not found; skipping the redis target" >&2; continue; }
+      redis-cli -p $redis_port shutdown nosave >/dev/null 2>&1 || true
+      redis-server --port $redis_port --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+        --pidfile "$work/redis.pid" --logfile "$work/redis.log"
+      store="kind = \"redis\"
+url = \"redis://127.0.0.1:$redis_port\"
+key_prefix = \"bench$(date +%s):\"" ;;
+    *) echo "bench.sh: unknown target $target (mem emb redis)" >&2; exit 2 ;;
+  esac
+  cat >"$work/$target.toml" <<TOML
+[server]
+listen = "127.0.0.1:$port"
+[upstream]
+url = "http://127.0.0.1:18080"
+[auth]
+mode = "presence"
+[store]
+$store
+[log]
+level = "warn"
+[admin]
+listen = "127.0.0.1:$((port + 1000))"
+TOML
+  args+=("og_$target=http://127.0.0.1:$port"
+         --start "og_$target=env TOKIO_WORKER_THREADS=\$BENCH_THREADS $work/oncegate run --config $work/$target.toml")
+  port=$((port + 2))
+done
+
+status=0
+bash "$harness" "${args[@]}" "$@" || status=$?
+[[ -f $work/redis.pid ]] && redis-cli -p $redis_port shutdown nosave >/dev/null 2>&1 || true
+exit $status
