@@ -21,6 +21,40 @@ enum Slot {
     Served(Arc<ServedRecord>),
 }
 
+/// A reset in progress (see `ClaimMap::begin_reset`).
+pub struct ResetGuard<'a> {
+    map: &'a ClaimMap,
+    key: String,
+    ticket: u64,
+    /// Put back unless the reset finishes.
+    record: Option<Arc<ServedRecord>>,
+}
+
+impl ResetGuard<'_> {
+    /// The record is gone (durably, where it matters): the key is unseen.
+    pub fn finish(mut self) {
+        self.record = None;
+        let ticket = self.ticket;
+        self.map.slots.remove_if(
+            self.key.as_str(),
+            |_, slot| matches!(slot, Slot::InFlight { ticket: held, .. } if *held == ticket),
+        );
+    }
+}
+
+impl Drop for ResetGuard<'_> {
+    fn drop(&mut self) {
+        let Some(record) = self.record.take() else {
+            return;
+        };
+        if let Some(mut slot) = self.map.slots.get_mut(self.key.as_str()) {
+            if matches!(*slot, Slot::InFlight { ticket: held, .. } if held == self.ticket) {
+                *slot = Slot::Served(record);
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct ClaimMap {
     slots: DashMap<Box<str>, Slot>,
@@ -167,22 +201,52 @@ impl ClaimMap {
     }
 
     /// Removes a served record; `persist` runs (e.g. a durable delete) before the slot goes, and
-    /// the slot stays when it fails.
+    /// the record stays when it fails.
     pub fn reset_with<E>(
         &self,
         key: &str,
         persist: impl FnOnce() -> Result<(), E>,
     ) -> Result<ResetOutcome, E> {
-        match self.lookup(key) {
-            KeyState::Unseen => Ok(ResetOutcome::Unseen),
-            KeyState::InFlight => Ok(ResetOutcome::InFlight),
-            KeyState::Served(_) => {
-                persist()?;
-                self.slots
-                    .remove_if(key, |_, slot| matches!(slot, Slot::Served(_)));
-                Ok(ResetOutcome::Reset)
+        let reset = match self.begin_reset(key) {
+            Ok(reset) => reset,
+            Err(outcome) => return Ok(outcome),
+        };
+        persist()?;
+        reset.finish();
+        Ok(ResetOutcome::Reset)
+    }
+
+    /// First half of a reset: atomically turns a served record into a pinned claim held by the
+    /// reset, so no claim, commit or second reset can touch the key while a durable delete runs.
+    /// `Err` tells why there is nothing to reset. Dropping the guard without `finish` puts the
+    /// record back.
+    pub fn begin_reset(&self, key: &str) -> Result<ResetGuard<'_>, ResetOutcome> {
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let Some(mut slot) = self.slots.get_mut(key) else {
+            return Err(ResetOutcome::Unseen);
+        };
+        let record = match &*slot {
+            Slot::Served(record) if !record.expired(self.retention, SystemTime::now()) => {
+                record.clone()
             }
-        }
+            Slot::InFlight {
+                expires,
+                committing,
+                ..
+            } if *committing || *expires > Instant::now() => return Err(ResetOutcome::InFlight),
+            _ => return Err(ResetOutcome::Unseen),
+        };
+        *slot = Slot::InFlight {
+            ticket,
+            expires: Instant::now(),
+            committing: true,
+        };
+        Ok(ResetGuard {
+            map: self,
+            key: key.to_string(),
+            ticket,
+            record: Some(record),
+        })
     }
 
     /// Loads a durable record at startup.
@@ -312,6 +376,51 @@ mod tests {
             map.reset_with("k", || Ok::<_, ()>(())),
             Ok(ResetOutcome::Unseen)
         );
+    }
+
+    #[test]
+    fn of_many_concurrent_resets_exactly_one_resets() {
+        let map = Arc::new(ClaimMap::new(None));
+        for round in 0..50 {
+            let key = format!("p/i/reset{round}");
+            let ticket = ticket(map.claim(&key, Duration::from_secs(60)));
+            map.commit(&ticket, record(&key)).unwrap();
+            let resets: Vec<_> = (0..8)
+                .map(|_| {
+                    let (map, key) = (map.clone(), key.clone());
+                    std::thread::spawn(move || map.reset_with(&key, || Ok::<(), ()>(())).unwrap())
+                })
+                .collect();
+            let done = resets
+                .into_iter()
+                .map(|reset| reset.join().unwrap())
+                .filter(|outcome| *outcome == ResetOutcome::Reset)
+                .count();
+            assert_eq!(done, 1, "round {round}");
+            assert_eq!(map.lookup(&key), KeyState::Unseen);
+        }
+    }
+
+    #[test]
+    fn a_failed_or_abandoned_reset_keeps_the_record() {
+        let map = ClaimMap::new(None);
+        let key = "p/i/kept";
+        let ticket = ticket(map.claim(key, Duration::from_secs(60)));
+        map.commit(&ticket, record(key)).unwrap();
+        assert_eq!(map.reset_with(key, || Err::<(), _>("disk")), Err("disk"));
+        assert!(matches!(map.lookup(key), KeyState::Served(_)));
+        let pending = map.begin_reset(key).unwrap();
+        assert_eq!(
+            map.lookup(key),
+            KeyState::InFlight,
+            "claims wait while it runs"
+        );
+        assert_eq!(
+            map.claim(key, Duration::from_secs(1)),
+            ClaimOutcome::InFlight
+        );
+        drop(pending);
+        assert!(matches!(map.lookup(key), KeyState::Served(_)));
     }
 
     #[test]

@@ -236,13 +236,15 @@ impl Ledger for EmbeddedLedger {
     }
 
     async fn reset(&self, key: &str) -> Result<ResetOutcome, LedgerError> {
-        if !matches!(self.claims.lookup(key), KeyState::Served(_)) {
-            return self.claims.reset_with(key, || Ok(()));
-        }
+        let reset = match self.claims.begin_reset(key) {
+            Ok(reset) => reset,
+            Err(nothing_to_do) => return Ok(nothing_to_do),
+        };
         // The durable delete comes first: a crash in between leaves the key served, never a
-        // memory that disagrees with the file.
+        // memory that disagrees with the file. A failed delete drops `reset`: still served.
         self.write(WriteOp::Delete(vec![key.to_string()])).await?;
-        self.claims.reset_with(key, || Ok(()))
+        reset.finish();
+        Ok(ResetOutcome::Reset)
     }
 
     async fn ready(&self) -> bool {
