@@ -6,6 +6,7 @@
 #   scripts/bench.sh                      # PROFILE=quick by default
 #   PROFILE=full scripts/bench.sh
 #   TARGETS="mem emb" scripts/bench.sh    # a subset of the ledgers
+#   ONCE_PEER=0 scripts/bench.sh          # without the haproxy download-once peer
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -55,6 +56,12 @@ TOML
          --start "og_$target=env TOKIO_WORKER_THREADS=\$BENCH_THREADS $work/oncegate run --config $work/$target.toml")
   port=$((port + 2))
 done
+
+# The harness's crude download-once peer (haproxy with a stick table), for the refusal path.
+if [[ ${ONCE_PEER:-1} == 1 ]]; then
+  args+=(hx_once=http://127.0.0.1:18086
+         --start "hx_once=haproxy -db -f $(dirname "$harness")/conf/haproxy-once.cfg")
+fi
 
 status=0
 bash "$harness" "${args[@]}" "$@" || status=$?

@@ -1,6 +1,7 @@
 //! Every response the proxy synthesizes, in one place.
 //! `ProxyError` names each failure of SPEC §4; `into_response` turns it into the ROMA JSON shape.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use http::header::{HeaderValue, ACCEPT_RANGES, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE};
@@ -10,6 +11,8 @@ use crate::body::ProxyBody;
 
 /// The longest value any field of an error body may have (SPEC §1).
 pub const MAX_FIELD_CHARS: usize = 128;
+/// Room for four fields of up to 128 characters and the JSON around them: one allocation.
+const ERROR_BODY_CAPACITY: usize = 640;
 
 /// A failure the proxy answers itself instead of (or instead of continuing) forwarding.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -107,10 +110,11 @@ impl ProxyError {
         }
     }
 
-    fn details(&self) -> String {
+    /// Borrowed for every fixed text, so the common refusals allocate nothing here.
+    fn details(&self) -> Cow<'static, str> {
         match self {
             ProxyError::MissingToken => "the request carries no X-Auth-Token header".into(),
-            ProxyError::BadToken(why) => format!("X-Auth-Token {why}"),
+            ProxyError::BadToken(why) => format!("X-Auth-Token {why}").into(),
             ProxyError::ProjectForbidden => "the token may not access this project".into(),
             ProxyError::AlreadyDownloaded => {
                 "this asset package can be downloaded only once and has been downloaded".into()
@@ -122,12 +126,12 @@ impl ProxyError {
             ProxyError::MethodNotAllowed => "only GET is allowed on this resource".into(),
             ProxyError::BadParameter(why) => (*why).into(),
             ProxyError::RateLimited { retry_after } => {
-                format!("retry after {} s", retry_after_secs(*retry_after))
+                format!("retry after {} s", retry_after_secs(*retry_after)).into()
             }
             ProxyError::PayloadTooLarge(limit) => {
-                format!("the request body is larger than {limit} bytes")
+                format!("the request body is larger than {limit} bytes").into()
             }
-            ProxyError::UpstreamUnreachable(why) => format!("upstream unreachable: {why}"),
+            ProxyError::UpstreamUnreachable(why) => format!("upstream unreachable: {why}").into(),
             ProxyError::UpstreamTimeout => "the upstream did not answer in time".into(),
             // What went wrong inside is logged, not shown to the client.
             ProxyError::IamUnavailable(_) => {
@@ -141,13 +145,17 @@ impl ProxyError {
     /// The response for this error. `close` asks HTTP/1 clients to drop the connection, used when
     /// the request body was never read.
     pub fn into_response(self, request_id: &str, close: bool) -> Response<ProxyBody> {
+        let details = self.details();
         let body = ErrorBody {
             error_code: self.error_code(),
             error_msg: self.summary(),
-            error_details: &truncate(&self.details()),
+            error_details: &truncate(&details),
             request_id: &truncate(request_id),
         };
-        let json = serde_json::to_vec(&body).unwrap_or_default();
+        let mut json = Vec::with_capacity(ERROR_BODY_CAPACITY);
+        if serde_json::to_writer(&mut json, &body).is_err() {
+            json.clear();
+        }
         let mut response = Response::new(crate::body::full(json));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
@@ -188,8 +196,12 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
     secs.max(1)
 }
 
-fn truncate(value: &str) -> String {
-    value.chars().take(MAX_FIELD_CHARS).collect()
+/// At most `MAX_FIELD_CHARS` characters; borrowed when already short enough.
+fn truncate(value: &str) -> Cow<'_, str> {
+    match value.char_indices().nth(MAX_FIELD_CHARS) {
+        None => Cow::Borrowed(value),
+        Some((end, _)) => Cow::Borrowed(&value[..end]),
+    }
 }
 
 #[derive(serde::Serialize)]

@@ -92,6 +92,8 @@ type RequestBody = Limited<Incoming>;
 
 struct Inner {
     client: Pool<RequestBody>,
+    /// `oncegate_upstream_response_seconds`, looked up once.
+    response_seconds: metrics::Histogram,
     max_request_body: u64,
     scheme: Scheme,
     authority: Authority,
@@ -113,6 +115,7 @@ impl Upstream {
         Ok(Upstream {
             inner: Arc::new(Inner {
                 client,
+                response_seconds: metrics::histogram!("oncegate_upstream_response_seconds"),
                 max_request_body,
                 scheme: config.scheme.clone(),
                 authority: config.authority.clone(),
@@ -169,7 +172,8 @@ impl Upstream {
         let started = Instant::now();
         let sent = inner.client.request(Request::from_parts(parts, body));
         let result = tokio::time::timeout(inner.response_timeout, sent).await;
-        metrics::histogram!("oncegate_upstream_response_seconds")
+        inner
+            .response_seconds
             .record(started.elapsed().as_secs_f64());
         let response = match result {
             Err(_) => return Err(ProxyError::UpstreamTimeout),

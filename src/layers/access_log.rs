@@ -52,17 +52,18 @@ impl Outcome {
         }
     }
 
+    /// In discriminant order, from 1.
+    const ALL: [Outcome; 6] = [
+        Outcome::Served,
+        Outcome::RefusedServed,
+        Outcome::RefusedInFlight,
+        Outcome::Released,
+        Outcome::Rejected,
+        Outcome::UpstreamError,
+    ];
+
     fn from_u8(value: u8) -> Option<Outcome> {
-        [
-            Outcome::Served,
-            Outcome::RefusedServed,
-            Outcome::RefusedInFlight,
-            Outcome::Released,
-            Outcome::Rejected,
-            Outcome::UpstreamError,
-        ]
-        .into_iter()
-        .find(|o| *o as u8 == value)
+        Outcome::ALL.into_iter().find(|o| *o as u8 == value)
     }
 }
 
@@ -190,38 +191,66 @@ impl LoggedBody {
             status, duration_ms, bytes = self.bytes, archive, outcome,
             "request"
         );
+        let handles = RequestMetrics::get();
         if let Some(noted) = noted {
-            metrics::counter!("oncegate_downloads_total", "outcome" => noted.metric_label())
-                .increment(1);
+            handles.downloads[noted as usize - 1].increment(1);
         }
-        let route = if outcome.is_some() {
-            "archive"
-        } else {
-            "other"
-        };
-        metrics::counter!("oncegate_requests_total", "route" => route, "status" => status_label(status)).increment(1);
-        metrics::histogram!("oncegate_request_duration_seconds", "route" => route)
-            .record(duration.as_secs_f64());
+        let archive_route = outcome.is_some();
+        handles.duration[usize::from(archive_route)].record(duration.as_secs_f64());
+        match KNOWN_STATUSES.iter().position(|known| *known == status) {
+            Some(index) => handles.requests[usize::from(archive_route)][index].increment(1),
+            None => {
+                let route = if archive_route { "archive" } else { "other" };
+                metrics::counter!("oncegate_requests_total", "route" => route, "status" => status.to_string())
+                    .increment(1);
+            }
+        }
     }
 }
 
-/// The status as a metric label, without an allocation for the statuses the proxy itself uses.
-fn status_label(status: u16) -> metrics::SharedString {
-    let known = match status {
-        200 => "200",
-        400 => "400",
-        403 => "403",
-        404 => "404",
-        405 => "405",
-        409 => "409",
-        429 => "429",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
-        other => return other.to_string().into(),
-    };
-    known.into()
+/// The statuses the proxy itself answers with, and the usual upstream ones: their counters are
+/// looked up once. Others go through the registry on each request.
+const KNOWN_STATUSES: [u16; 18] = [
+    200, 204, 206, 301, 302, 304, 400, 401, 403, 404, 405, 409, 413, 429, 500, 502, 503, 504,
+];
+
+/// Metric handles bound once to the installed recorder (a registry lookup hashes the name and
+/// every label, on every call).
+struct RequestMetrics {
+    /// By `Outcome as u8 - 1`.
+    downloads: Vec<metrics::Counter>,
+    /// [other, archive].
+    duration: [metrics::Histogram; 2],
+    /// [other, archive] × `KNOWN_STATUSES`.
+    requests: [Vec<metrics::Counter>; 2],
+}
+
+impl RequestMetrics {
+    fn get() -> &'static RequestMetrics {
+        static HANDLES: OnceLock<RequestMetrics> = OnceLock::new();
+        HANDLES.get_or_init(|| {
+            let requests = |route: &'static str| {
+                KNOWN_STATUSES
+                    .iter()
+                    .map(|status| {
+                        metrics::counter!("oncegate_requests_total", "route" => route, "status" => status.to_string())
+                    })
+                    .collect()
+            };
+            RequestMetrics {
+                downloads: Outcome::ALL
+                    .iter()
+                    .map(|outcome| {
+                        metrics::counter!("oncegate_downloads_total", "outcome" => outcome.metric_label())
+                    })
+                    .collect(),
+                duration: ["other", "archive"].map(|route| {
+                    metrics::histogram!("oncegate_request_duration_seconds", "route" => route)
+                }),
+                requests: [requests("other"), requests("archive")],
+            }
+        })
+    }
 }
 
 impl Body for LoggedBody {

@@ -251,7 +251,7 @@ struct Claim {
 impl Claim {
     /// Counted in `oncegate_downloads_in_flight` until committed or released.
     fn new(ledger: Arc<dyn Ledger>, ticket: Ticket, note: Arc<AccessNote>) -> Claim {
-        metrics::gauge!("oncegate_downloads_in_flight").increment(1.0);
+        in_flight_gauge().increment(1.0);
         Claim {
             ledger,
             ticket: Some(ticket),
@@ -288,9 +288,15 @@ impl Claim {
     }
 }
 
+/// Looked up once: two registry lookups per download otherwise.
+fn in_flight_gauge() -> &'static metrics::Gauge {
+    static GAUGE: std::sync::OnceLock<metrics::Gauge> = std::sync::OnceLock::new();
+    GAUGE.get_or_init(|| metrics::gauge!("oncegate_downloads_in_flight"))
+}
+
 impl Drop for Claim {
     fn drop(&mut self) {
-        metrics::gauge!("oncegate_downloads_in_flight").decrement(1.0);
+        in_flight_gauge().decrement(1.0);
         let Some(ticket) = self.ticket.take() else {
             return;
         };

@@ -10,52 +10,83 @@ use super::{ClaimOutcome, KeyState, Ledger, LedgerError, ResetOutcome, ServedRec
 
 pub struct Timed<L> {
     inner: L,
+    claim: OpMetrics,
+    renew: OpMetrics,
+    commit: OpMetrics,
+    release: OpMetrics,
+    lookup: OpMetrics,
+    reset: OpMetrics,
+    flush: OpMetrics,
+}
+
+/// The metric handles of one operation, looked up once instead of on every call.
+struct OpMetrics {
+    seconds: metrics::Histogram,
+    errors: metrics::Counter,
+}
+
+impl OpMetrics {
+    fn new(op: &'static str) -> OpMetrics {
+        OpMetrics {
+            seconds: metrics::histogram!("oncegate_ledger_operation_seconds", "op" => op),
+            errors: metrics::counter!("oncegate_ledger_errors_total", "op" => op),
+        }
+    }
+
+    async fn time<T>(
+        &self,
+        call: impl Future<Output = Result<T, LedgerError>>,
+    ) -> Result<T, LedgerError> {
+        let started = Instant::now();
+        let result = call.await;
+        self.seconds.record(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            self.errors.increment(1);
+        }
+        result
+    }
 }
 
 impl<L: Ledger> Timed<L> {
+    /// Call after the metrics recorder is installed: the handles are bound to it here.
     pub fn new(inner: L) -> Timed<L> {
-        Timed { inner }
+        Timed {
+            inner,
+            claim: OpMetrics::new("claim"),
+            renew: OpMetrics::new("renew"),
+            commit: OpMetrics::new("commit"),
+            release: OpMetrics::new("release"),
+            lookup: OpMetrics::new("lookup"),
+            reset: OpMetrics::new("reset"),
+            flush: OpMetrics::new("flush"),
+        }
     }
-}
-
-async fn timed<T>(
-    op: &'static str,
-    call: impl Future<Output = Result<T, LedgerError>>,
-) -> Result<T, LedgerError> {
-    let started = Instant::now();
-    let result = call.await;
-    metrics::histogram!("oncegate_ledger_operation_seconds", "op" => op)
-        .record(started.elapsed().as_secs_f64());
-    if result.is_err() {
-        metrics::counter!("oncegate_ledger_errors_total", "op" => op).increment(1);
-    }
-    result
 }
 
 #[async_trait]
 impl<L: Ledger> Ledger for Timed<L> {
     async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, LedgerError> {
-        timed("claim", self.inner.claim(key, lease)).await
+        self.claim.time(self.inner.claim(key, lease)).await
     }
 
     async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<(), LedgerError> {
-        timed("renew", self.inner.renew(ticket, lease)).await
+        self.renew.time(self.inner.renew(ticket, lease)).await
     }
 
     async fn commit(&self, ticket: &Ticket, record: ServedRecord) -> Result<(), LedgerError> {
-        timed("commit", self.inner.commit(ticket, record)).await
+        self.commit.time(self.inner.commit(ticket, record)).await
     }
 
     async fn release(&self, ticket: &Ticket) -> Result<(), LedgerError> {
-        timed("release", self.inner.release(ticket)).await
+        self.release.time(self.inner.release(ticket)).await
     }
 
     async fn lookup(&self, key: &str) -> Result<KeyState, LedgerError> {
-        timed("lookup", self.inner.lookup(key)).await
+        self.lookup.time(self.inner.lookup(key)).await
     }
 
     async fn reset(&self, key: &str) -> Result<ResetOutcome, LedgerError> {
-        timed("reset", self.inner.reset(key)).await
+        self.reset.time(self.inner.reset(key)).await
     }
 
     async fn ready(&self) -> bool {
@@ -67,6 +98,6 @@ impl<L: Ledger> Ledger for Timed<L> {
     }
 
     async fn flush(&self) -> Result<(), LedgerError> {
-        timed("flush", self.inner.flush()).await
+        self.flush.time(self.inner.flush()).await
     }
 }
