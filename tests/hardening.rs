@@ -257,27 +257,18 @@ async fn a_client_that_stops_reading_holds_no_buffers_and_releases_on_disconnect
         during < before + 16 * 1024,
         "RSS grew from {before} to {during} KiB while the client was not reading"
     );
-    let bearer = [("authorization", "Bearer t")];
-    let state = request(
-        proxy.admin,
-        "GET",
-        "/archives/proj/inst/big-200-stall",
-        &bearer,
-    )
-    .await;
-    assert_eq!(state.json()["state"], "in_flight");
+    let admin = proxy.admin;
+    let state = || async move {
+        let bearer = [("authorization", "Bearer t")];
+        let reply = request(admin, "GET", "/archives/proj/inst/big-200-stall", &bearer).await;
+        reply.json()["state"].clone()
+    };
+    assert_eq!(state().await, "in_flight");
 
     drop(stalled);
     let mut released = false;
     for _ in 0..200 {
-        let state = request(
-            proxy.admin,
-            "GET",
-            "/archives/proj/inst/big-200-stall",
-            &bearer,
-        )
-        .await;
-        if state.json()["state"] == "unseen" {
+        if state().await == "unseen" {
             released = true;
             break;
         }

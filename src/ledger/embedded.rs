@@ -102,16 +102,7 @@ fn load_records(db: &Database, claims: &ClaimMap) -> Result<Vec<String>, redb::E
         match serde_json::from_slice::<ServedRecord>(value.value()) {
             Ok(record) if record.expired(claims.retention(), now) => expired.push(record.key),
             Ok(record) => claims.insert_served(record),
-            // A record this version cannot read still means "served": refuse rather than re-serve.
-            Err(_) => claims.insert_served(ServedRecord {
-                key: key.value().to_string(),
-                served_at_ms: super::now_ms(),
-                request_id: String::new(),
-                bytes: 0,
-                client: String::new(),
-                token_sha256_prefix: String::new(),
-                user_id: None,
-            }),
+            Err(_) => claims.insert_served(ServedRecord::unreadable(key.value())),
         }
     }
     Ok(expired)

@@ -31,6 +31,20 @@ pub struct ServedRecord {
 }
 
 impl ServedRecord {
+    /// Stands for a stored record this version cannot read: it still means "served", so the
+    /// archive is refused rather than served again.
+    pub fn unreadable(key: &str) -> ServedRecord {
+        ServedRecord {
+            key: key.to_string(),
+            served_at_ms: now_ms(),
+            request_id: String::new(),
+            bytes: 0,
+            client: String::new(),
+            token_sha256_prefix: String::new(),
+            user_id: None,
+        }
+    }
+
     pub fn served_at(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(self.served_at_ms)
     }

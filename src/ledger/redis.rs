@@ -155,22 +155,12 @@ impl RedisLedger {
     fn parse_state(key: &str, value: Option<String>) -> KeyState {
         match value {
             None => KeyState::Unseen,
-            Some(value) => {
-                match value.strip_prefix("s:") {
-                    Some(json) => KeyState::Served(Arc::new(
-                        serde_json::from_str(json).unwrap_or_else(|_| ServedRecord {
-                            key: key.to_string(),
-                            served_at_ms: super::now_ms(),
-                            request_id: String::new(),
-                            bytes: 0,
-                            client: String::new(),
-                            token_sha256_prefix: String::new(),
-                            user_id: None,
-                        }),
-                    )),
-                    None => KeyState::InFlight,
-                }
-            }
+            Some(value) => match value.strip_prefix("s:") {
+                Some(json) => KeyState::Served(Arc::new(
+                    serde_json::from_str(json).unwrap_or_else(|_| ServedRecord::unreadable(key)),
+                )),
+                None => KeyState::InFlight,
+            },
         }
     }
 }
