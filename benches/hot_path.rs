@@ -12,7 +12,7 @@ use oncegate::error::ProxyError;
 use oncegate::ledger::embedded::EmbeddedLedger;
 use oncegate::ledger::memory::MemoryLedger;
 use oncegate::ledger::redis::RedisLedger;
-use oncegate::ledger::{ClaimMap, ClaimOutcome, Ledger, ServedRecord};
+use oncegate::ledger::{now_ms, ClaimMap, ClaimOutcome, Ledger, ServedAt, ServedRecord};
 use oncegate::route::RouteTemplate;
 
 fn route(c: &mut Criterion) {
@@ -137,14 +137,14 @@ fn flat_with_size(c: &mut Criterion) {
         .unwrap_or(1_000_000);
     let lease = Duration::from_secs(600);
     let mut group = c.benchmark_group("claim_map_by_size");
-    let map = ClaimMap::new(None);
+    let map: ClaimMap<ServedAt> = ClaimMap::new(None);
     let mut filled = 0usize;
     let mut size = 1_000;
     while size <= largest {
         while filled < size {
             let key = format!("p/i/fill{filled}");
             if let ClaimOutcome::Claimed(ticket) = map.claim(&key, lease) {
-                map.commit(&ticket, record(key)).unwrap();
+                map.commit(&ticket, ServedAt(now_ms())).unwrap();
             }
             filled += 1;
         }
@@ -154,7 +154,7 @@ fn flat_with_size(c: &mut Criterion) {
                 n += 1;
                 let key = format!("p/i/new{size}-{n}");
                 if let ClaimOutcome::Claimed(ticket) = map.claim(&key, lease) {
-                    map.commit(&ticket, record(key)).unwrap();
+                    map.commit(&ticket, ServedAt(now_ms())).unwrap();
                 }
             })
         });
@@ -168,7 +168,7 @@ fn flat_with_size(c: &mut Criterion) {
 
 fn claims(c: &mut Criterion) {
     let mut group = c.benchmark_group("claim_map");
-    let map = ClaimMap::new(None);
+    let map: ClaimMap<ServedAt> = ClaimMap::new(None);
     let lease = Duration::from_secs(600);
     let mut n = 0u64;
     group.bench_function("claim_commit_unique", |b| {
@@ -176,7 +176,7 @@ fn claims(c: &mut Criterion) {
             n += 1;
             let key = format!("p/i/{n}");
             if let ClaimOutcome::Claimed(ticket) = map.claim(&key, lease) {
-                map.commit(&ticket, record(key)).unwrap();
+                map.commit(&ticket, ServedAt(now_ms())).unwrap();
             }
         })
     });

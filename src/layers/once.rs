@@ -133,7 +133,7 @@ where
 {
     let ticket = match policy.ledger.claim(&key, policy.lease).await {
         Ok(ClaimOutcome::Claimed(ticket)) => ticket,
-        Ok(ClaimOutcome::Served(_)) => {
+        Ok(ClaimOutcome::Served) => {
             note.set_outcome(Outcome::RefusedServed);
             return Err(ProxyError::AlreadyDownloaded);
         }

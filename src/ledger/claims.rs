@@ -1,73 +1,166 @@
 //! The in-memory claim table shared by the memory and embedded ledgers.
-//! One DashMap entry per key; every transition is a single entry operation, never get-then-insert.
+//! One DashMap entry per key digest; every transition is a single entry operation, never get-then-insert.
 
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use sha2::{Digest, Sha256};
 
-use super::{ClaimOutcome, KeyState, LedgerError, ResetOutcome, ServedRecord, Ticket};
+use super::{retention_over, ClaimOutcome, LedgerError, ResetOutcome, ServedRecord, Ticket};
 
+/// The first 128 bits of a key's SHA-256: what the table (and the embedded file) is keyed by.
+/// 16 bytes per record whatever the key's length, and a collision cannot be crafted, so no
+/// archive id can make another archive look served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyDigest(u128);
+
+impl KeyDigest {
+    pub fn of(key: &str) -> KeyDigest {
+        let sha = Sha256::digest(key.as_bytes());
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&sha[..16]);
+        KeyDigest(u128::from_be_bytes(first))
+    }
+
+    pub fn from_u128(value: u128) -> KeyDigest {
+        KeyDigest(value)
+    }
+
+    pub fn as_u128(self) -> u128 {
+        self.0
+    }
+}
+
+/// Digests are already uniform: their low 64 bits are the hash, no SipHash round per lookup.
+/// (Flooding a bucket would need SHA-256 preimages.)
+#[derive(Default)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached for other key types; digests go through `write_u128`.
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u128(&mut self, value: u128) {
+        self.0 = value as u64;
+    }
+}
+
+pub type DigestMap<V> = DashMap<KeyDigest, V, BuildHasherDefault<DigestHasher>>;
+
+/// What the table keeps of a served key: at least when it was served (for retention).
+pub trait ServedEntry: Clone + Send + Sync + 'static {
+    fn served_at_ms(&self) -> u64;
+}
+
+/// The whole record, for a store that has nowhere else to keep it (`memory`).
+impl ServedEntry for Arc<ServedRecord> {
+    fn served_at_ms(&self) -> u64 {
+        self.served_at_ms
+    }
+}
+
+/// Only the time: the record itself is in the durable store (`embedded`), 8 bytes in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServedAt(pub u64);
+
+impl ServedEntry for ServedAt {
+    fn served_at_ms(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A key's state as the table sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableState<S> {
+    Unseen,
+    InFlight,
+    Served(S),
+}
+
+/// 24 bytes with a `ServedAt` (checked by a test): with the 16-byte digest, 40 bytes a slot.
 #[derive(Debug)]
-enum Slot {
+enum Slot<S> {
     InFlight {
         ticket: u64,
-        expires: Instant,
+        /// Nanoseconds since the table's `epoch`.
+        expires: u64,
         /// Set while the durable write of a commit runs: such a claim never expires under it.
         committing: bool,
     },
-    Served(Arc<ServedRecord>),
+    Served(S),
 }
 
 /// A reset in progress (see `ClaimMap::begin_reset`).
-pub struct ResetGuard<'a> {
-    map: &'a ClaimMap,
-    key: String,
+pub struct ResetGuard<'a, S: ServedEntry> {
+    map: &'a ClaimMap<S>,
+    digest: KeyDigest,
     ticket: u64,
     /// Put back unless the reset finishes.
-    record: Option<Arc<ServedRecord>>,
+    entry: Option<S>,
 }
 
-impl ResetGuard<'_> {
+impl<S: ServedEntry> ResetGuard<'_, S> {
+    pub fn digest(&self) -> KeyDigest {
+        self.digest
+    }
+
     /// The record is gone (durably, where it matters): the key is unseen.
     pub fn finish(mut self) {
-        self.record = None;
+        self.entry = None;
         let ticket = self.ticket;
         self.map.slots.remove_if(
-            self.key.as_str(),
+            &self.digest,
             |_, slot| matches!(slot, Slot::InFlight { ticket: held, .. } if *held == ticket),
         );
     }
 }
 
-impl Drop for ResetGuard<'_> {
+impl<S: ServedEntry> Drop for ResetGuard<'_, S> {
     fn drop(&mut self) {
-        let Some(record) = self.record.take() else {
+        let Some(entry) = self.entry.take() else {
             return;
         };
-        if let Some(mut slot) = self.map.slots.get_mut(self.key.as_str()) {
+        if let Some(mut slot) = self.map.slots.get_mut(&self.digest) {
             if matches!(*slot, Slot::InFlight { ticket: held, .. } if held == self.ticket) {
-                *slot = Slot::Served(record);
+                *slot = Slot::Served(entry);
             }
         }
     }
 }
 
-#[derive(Debug, Default)]
-pub struct ClaimMap {
-    slots: DashMap<Box<str>, Slot>,
+#[derive(Debug)]
+pub struct ClaimMap<S: ServedEntry> {
+    slots: DigestMap<Slot<S>>,
     next_ticket: AtomicU64,
     retention: Option<Duration>,
+    /// Lease deadlines are kept as nanoseconds since this instant (8 bytes, not an `Instant`'s 16).
+    epoch: Instant,
 }
 
-impl ClaimMap {
-    pub fn new(retention: Option<Duration>) -> ClaimMap {
+impl<S: ServedEntry> ClaimMap<S> {
+    pub fn new(retention: Option<Duration>) -> ClaimMap<S> {
+        Self::with_capacity(retention, 0)
+    }
+
+    /// Sized up front for `capacity` keys (a restart that loads many records).
+    pub fn with_capacity(retention: Option<Duration>, capacity: usize) -> ClaimMap<S> {
         ClaimMap {
-            slots: DashMap::new(),
+            slots: DashMap::with_capacity_and_hasher(capacity, Default::default()),
             next_ticket: AtomicU64::new(1),
             retention,
+            epoch: Instant::now(),
         }
     }
 
@@ -83,21 +176,33 @@ impl ClaimMap {
         self.slots.is_empty()
     }
 
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn deadline(&self, lease: Duration) -> u64 {
+        self.now().saturating_add(lease.as_nanos() as u64)
+    }
+
+    fn live(&self, entry: &S, wall: SystemTime) -> bool {
+        !retention_over(entry.served_at_ms(), self.retention, wall)
+    }
+
     pub fn claim(&self, key: &str, lease: Duration) -> ClaimOutcome {
-        let now = Instant::now();
+        let now = self.now();
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let fresh = Slot::InFlight {
             ticket,
-            expires: now + lease,
+            expires: now.saturating_add(lease.as_nanos() as u64),
             committing: false,
         };
-        match self.slots.entry(key.into()) {
+        match self.slots.entry(KeyDigest::of(key)) {
             Entry::Vacant(vacant) => {
                 vacant.insert(fresh);
             }
             Entry::Occupied(mut occupied) => match occupied.get() {
-                Slot::Served(record) if !record.expired(self.retention, SystemTime::now()) => {
-                    return ClaimOutcome::Served(record.clone());
+                Slot::Served(entry) if self.live(entry, SystemTime::now()) => {
+                    return ClaimOutcome::Served;
                 }
                 Slot::InFlight {
                     expires,
@@ -118,85 +223,80 @@ impl ClaimMap {
         })
     }
 
-    pub fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<(), LedgerError> {
-        match self.slots.get_mut(ticket.key.as_str()).as_deref_mut() {
+    /// Runs `change` on the slot if `ticket` still holds it; `LostClaim` otherwise.
+    fn with_held(
+        &self,
+        ticket: &Ticket,
+        change: impl FnOnce(&mut u64, &mut bool),
+    ) -> Result<(), LedgerError> {
+        match self
+            .slots
+            .get_mut(&KeyDigest::of(&ticket.key))
+            .as_deref_mut()
+        {
             Some(Slot::InFlight {
                 ticket: held,
                 expires,
-                ..
+                committing,
             }) if *held == ticket.id => {
-                *expires = Instant::now() + lease;
+                change(expires, committing);
                 Ok(())
             }
             _ => Err(LedgerError::LostClaim(ticket.key.clone())),
         }
+    }
+
+    pub fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<(), LedgerError> {
+        let deadline = self.deadline(lease);
+        self.with_held(ticket, |expires, _| *expires = deadline)
     }
 
     /// First half of a commit: pins the claim so it cannot expire while the record is written.
     /// A claim past its lease may still commit as long as nobody took it over: nobody else was
     /// told the key is free.
     pub fn begin_commit(&self, ticket: &Ticket) -> Result<(), LedgerError> {
-        match self.slots.get_mut(ticket.key.as_str()).as_deref_mut() {
-            Some(Slot::InFlight {
-                ticket: held,
-                committing,
-                ..
-            }) if *held == ticket.id => {
-                *committing = true;
-                Ok(())
-            }
-            _ => Err(LedgerError::LostClaim(ticket.key.clone())),
-        }
+        self.with_held(ticket, |_, committing| *committing = true)
     }
 
     /// Second half of a commit, once the record is durable.
-    pub fn finish_commit(&self, ticket: &Ticket, record: Arc<ServedRecord>) {
-        if let Some(mut slot) = self.slots.get_mut(ticket.key.as_str()) {
+    pub fn finish_commit(&self, ticket: &Ticket, entry: S) {
+        if let Some(mut slot) = self.slots.get_mut(&KeyDigest::of(&ticket.key)) {
             if matches!(*slot, Slot::InFlight { ticket: held, .. } if held == ticket.id) {
-                *slot = Slot::Served(record);
+                *slot = Slot::Served(entry);
             }
         }
     }
 
     /// Undoes `begin_commit` after a failed write, leaving an ordinary claim to release.
     pub fn abort_commit(&self, ticket: &Ticket) {
-        if let Some(Slot::InFlight {
-            ticket: held,
-            committing,
-            ..
-        }) = self.slots.get_mut(ticket.key.as_str()).as_deref_mut()
-        {
-            if *held == ticket.id {
-                *committing = false;
-            }
-        }
+        let _ = self.with_held(ticket, |_, committing| *committing = false);
     }
 
-    pub fn commit(&self, ticket: &Ticket, record: ServedRecord) -> Result<(), LedgerError> {
+    pub fn commit(&self, ticket: &Ticket, entry: S) -> Result<(), LedgerError> {
         self.begin_commit(ticket)?;
-        self.finish_commit(ticket, Arc::new(record));
+        self.finish_commit(ticket, entry);
         Ok(())
     }
 
     pub fn release(&self, ticket: &Ticket) {
         self.slots.remove_if(
-            ticket.key.as_str(),
+            &KeyDigest::of(&ticket.key),
             |_, slot| matches!(slot, Slot::InFlight { ticket: held, .. } if *held == ticket.id),
         );
     }
 
-    pub fn lookup(&self, key: &str) -> KeyState {
-        let now = Instant::now();
-        match self.slots.get(key).as_deref() {
-            Some(Slot::Served(record)) if !record.expired(self.retention, SystemTime::now()) => {
-                KeyState::Served(record.clone())
+    pub fn lookup(&self, key: &str) -> TableState<S> {
+        let now = self.now();
+        match self.slots.get(&KeyDigest::of(key)).as_deref() {
+            Some(Slot::Served(entry)) if self.live(entry, SystemTime::now()) => {
+                TableState::Served(entry.clone())
             }
             Some(Slot::InFlight {
                 expires,
                 committing,
                 ..
-            }) if *committing || *expires > now => KeyState::InFlight,
-            _ => KeyState::Unseen,
+            }) if *committing || *expires > now => TableState::InFlight,
+            _ => TableState::Unseen,
         }
     }
 
@@ -220,56 +320,55 @@ impl ClaimMap {
     /// reset, so no claim, commit or second reset can touch the key while a durable delete runs.
     /// `Err` tells why there is nothing to reset. Dropping the guard without `finish` puts the
     /// record back.
-    pub fn begin_reset(&self, key: &str) -> Result<ResetGuard<'_>, ResetOutcome> {
+    pub fn begin_reset(&self, key: &str) -> Result<ResetGuard<'_, S>, ResetOutcome> {
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
-        let Some(mut slot) = self.slots.get_mut(key) else {
+        let digest = KeyDigest::of(key);
+        let now = self.now();
+        let Some(mut slot) = self.slots.get_mut(&digest) else {
             return Err(ResetOutcome::Unseen);
         };
-        let record = match &*slot {
-            Slot::Served(record) if !record.expired(self.retention, SystemTime::now()) => {
-                record.clone()
-            }
+        let entry = match &*slot {
+            Slot::Served(entry) if self.live(entry, SystemTime::now()) => entry.clone(),
             Slot::InFlight {
                 expires,
                 committing,
                 ..
-            } if *committing || *expires > Instant::now() => return Err(ResetOutcome::InFlight),
+            } if *committing || *expires > now => return Err(ResetOutcome::InFlight),
             _ => return Err(ResetOutcome::Unseen),
         };
         *slot = Slot::InFlight {
             ticket,
-            expires: Instant::now(),
+            expires: now,
             committing: true,
         };
         Ok(ResetGuard {
             map: self,
-            key: key.to_string(),
+            digest,
             ticket,
-            record: Some(record),
+            entry: Some(entry),
         })
     }
 
     /// Loads a durable record at startup.
-    pub fn insert_served(&self, record: ServedRecord) {
-        self.slots
-            .insert(record.key.as_str().into(), Slot::Served(Arc::new(record)));
+    pub fn insert_served(&self, digest: KeyDigest, entry: S) {
+        self.slots.insert(digest, Slot::Served(entry));
     }
 
-    /// Drops records past retention; returns their keys. Claims are left alone: their holders
+    /// Drops records past retention; returns their digests. Claims are left alone: their holders
     /// always end them (commit, or release on drop), and an expired one is replaced by the next
     /// claim of its key.
-    pub fn sweep(&self) -> Vec<String> {
+    pub fn sweep(&self) -> Vec<KeyDigest> {
         if self.retention.is_none() {
             return Vec::new();
         }
         let wall = SystemTime::now();
         let mut expired_records = Vec::new();
-        self.slots.retain(|key, slot| match slot {
+        self.slots.retain(|digest, slot| match slot {
             Slot::InFlight { .. } => true,
-            Slot::Served(record) => {
-                let keep = !record.expired(self.retention, wall);
+            Slot::Served(entry) => {
+                let keep = self.live(entry, wall);
                 if !keep {
-                    expired_records.push(key.to_string());
+                    expired_records.push(*digest);
                 }
                 keep
             }
@@ -282,8 +381,10 @@ impl ClaimMap {
 mod tests {
     use super::*;
 
-    fn record(key: &str) -> ServedRecord {
-        ServedRecord {
+    type Map = ClaimMap<Arc<ServedRecord>>;
+
+    fn record(key: &str) -> Arc<ServedRecord> {
+        Arc::new(ServedRecord {
             key: key.into(),
             served_at_ms: super::super::now_ms(),
             request_id: "r".into(),
@@ -291,7 +392,7 @@ mod tests {
             client: "127.0.0.1".into(),
             token_sha256_prefix: "abcd".into(),
             user_id: None,
-        }
+        })
     }
 
     fn ticket(outcome: ClaimOutcome) -> Ticket {
@@ -302,8 +403,22 @@ mod tests {
     }
 
     #[test]
+    fn a_served_slot_stays_small() {
+        assert!(std::mem::size_of::<Slot<ServedAt>>() <= 24);
+        assert!(std::mem::size_of::<Slot<Arc<ServedRecord>>>() <= 24);
+        assert_eq!(std::mem::size_of::<KeyDigest>(), 16);
+    }
+
+    #[test]
+    fn digests_tell_keys_apart() {
+        assert_eq!(KeyDigest::of("p/i/a"), KeyDigest::of("p/i/a"));
+        assert_ne!(KeyDigest::of("p/i/a"), KeyDigest::of("p/i/b"));
+        assert_ne!(KeyDigest::of("p/i/a"), KeyDigest::of("p/i/A"));
+    }
+
+    #[test]
     fn claim_commit_then_refuse() {
-        let map = ClaimMap::new(None);
+        let map = Map::new(None);
         let t = ticket(map.claim("k", Duration::from_secs(60)));
         assert_eq!(
             map.claim("k", Duration::from_secs(60)),
@@ -312,31 +427,31 @@ mod tests {
         map.commit(&t, record("k")).unwrap();
         assert!(matches!(
             map.claim("k", Duration::from_secs(60)),
-            ClaimOutcome::Served(_)
+            ClaimOutcome::Served
         ));
-        assert!(matches!(map.lookup("k"), KeyState::Served(_)));
+        assert!(matches!(map.lookup("k"), TableState::Served(_)));
     }
 
     #[test]
     fn release_frees_and_stale_ticket_cannot_touch_new_claim() {
-        let map = ClaimMap::new(None);
+        let map = Map::new(None);
         let old = ticket(map.claim("k", Duration::from_millis(1)));
         std::thread::sleep(Duration::from_millis(5));
         let new = ticket(map.claim("k", Duration::from_secs(60)));
         map.release(&old);
-        assert_eq!(map.lookup("k"), KeyState::InFlight);
+        assert_eq!(map.lookup("k"), TableState::InFlight);
         assert!(matches!(
             map.commit(&old, record("k")),
             Err(LedgerError::LostClaim(_))
         ));
         assert!(map.renew(&old, Duration::from_secs(1)).is_err());
         map.release(&new);
-        assert_eq!(map.lookup("k"), KeyState::Unseen);
+        assert_eq!(map.lookup("k"), TableState::Unseen);
     }
 
     #[test]
     fn expired_lease_commits_only_if_not_taken_over() {
-        let map = ClaimMap::new(None);
+        let map = Map::new(None);
         let late = ticket(map.claim("k", Duration::from_millis(1)));
         std::thread::sleep(Duration::from_millis(5));
         map.commit(&late, record("k")).unwrap();
@@ -348,18 +463,18 @@ mod tests {
 
     #[test]
     fn retention_expires_records() {
-        let map = ClaimMap::new(Some(Duration::from_millis(1)));
+        let map = Map::new(Some(Duration::from_millis(1)));
         let t = ticket(map.claim("k", Duration::from_secs(60)));
         map.commit(&t, record("k")).unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(map.lookup("k"), KeyState::Unseen);
-        assert_eq!(map.sweep(), vec!["k".to_string()]);
+        assert_eq!(map.lookup("k"), TableState::Unseen);
+        assert_eq!(map.sweep(), vec![KeyDigest::of("k")]);
         assert!(map.is_empty());
     }
 
     #[test]
     fn reset_only_touches_served() {
-        let map = ClaimMap::new(None);
+        let map = Map::new(None);
         let t = ticket(map.claim("k", Duration::from_secs(60)));
         assert_eq!(
             map.reset_with("k", || Ok::<_, ()>(())),
@@ -367,7 +482,7 @@ mod tests {
         );
         map.commit(&t, record("k")).unwrap();
         assert_eq!(map.reset_with("k", || Err("disk")), Err("disk"));
-        assert!(matches!(map.lookup("k"), KeyState::Served(_)));
+        assert!(matches!(map.lookup("k"), TableState::Served(_)));
         assert_eq!(
             map.reset_with("k", || Ok::<_, ()>(())),
             Ok(ResetOutcome::Reset)
@@ -380,7 +495,7 @@ mod tests {
 
     #[test]
     fn of_many_concurrent_resets_exactly_one_resets() {
-        let map = Arc::new(ClaimMap::new(None));
+        let map = Arc::new(Map::new(None));
         for round in 0..50 {
             let key = format!("p/i/reset{round}");
             let ticket = ticket(map.claim(&key, Duration::from_secs(60)));
@@ -397,22 +512,22 @@ mod tests {
                 .filter(|outcome| *outcome == ResetOutcome::Reset)
                 .count();
             assert_eq!(done, 1, "round {round}");
-            assert_eq!(map.lookup(&key), KeyState::Unseen);
+            assert_eq!(map.lookup(&key), TableState::Unseen);
         }
     }
 
     #[test]
     fn a_failed_or_abandoned_reset_keeps_the_record() {
-        let map = ClaimMap::new(None);
+        let map = Map::new(None);
         let key = "p/i/kept";
         let ticket = ticket(map.claim(key, Duration::from_secs(60)));
         map.commit(&ticket, record(key)).unwrap();
         assert_eq!(map.reset_with(key, || Err::<(), _>("disk")), Err("disk"));
-        assert!(matches!(map.lookup(key), KeyState::Served(_)));
+        assert!(matches!(map.lookup(key), TableState::Served(_)));
         let pending = map.begin_reset(key).unwrap();
         assert_eq!(
             map.lookup(key),
-            KeyState::InFlight,
+            TableState::InFlight,
             "claims wait while it runs"
         );
         assert_eq!(
@@ -420,12 +535,12 @@ mod tests {
             ClaimOutcome::InFlight
         );
         drop(pending);
-        assert!(matches!(map.lookup(key), KeyState::Served(_)));
+        assert!(matches!(map.lookup(key), TableState::Served(_)));
     }
 
     #[test]
     fn exactly_one_of_many_threads_wins() {
-        let map = Arc::new(ClaimMap::new(None));
+        let map = Arc::new(Map::new(None));
         let winners: usize = (0..16)
             .map(|_| {
                 let map = map.clone();

@@ -1,17 +1,20 @@
 //! The `memory` ledger: the claim table alone, lost on restart.
 //! For tests and development; the default `embedded` store adds durability.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use super::{
-    ClaimMap, ClaimOutcome, KeyState, Ledger, LedgerError, ResetOutcome, ServedRecord, Ticket,
+    ClaimMap, ClaimOutcome, KeyState, Ledger, LedgerError, ResetOutcome, ServedRecord, TableState,
+    Ticket,
 };
 
 #[derive(Debug)]
 pub struct MemoryLedger {
-    claims: ClaimMap,
+    /// Nowhere else to keep them: whole records live in the table.
+    claims: ClaimMap<Arc<ServedRecord>>,
 }
 
 impl MemoryLedger {
@@ -33,7 +36,7 @@ impl Ledger for MemoryLedger {
     }
 
     async fn commit(&self, ticket: &Ticket, record: ServedRecord) -> Result<(), LedgerError> {
-        self.claims.commit(ticket, record)
+        self.claims.commit(ticket, Arc::new(record))
     }
 
     async fn release(&self, ticket: &Ticket) -> Result<(), LedgerError> {
@@ -42,7 +45,11 @@ impl Ledger for MemoryLedger {
     }
 
     async fn lookup(&self, key: &str) -> Result<KeyState, LedgerError> {
-        Ok(self.claims.lookup(key))
+        Ok(match self.claims.lookup(key) {
+            TableState::Unseen => KeyState::Unseen,
+            TableState::InFlight => KeyState::InFlight,
+            TableState::Served(record) => KeyState::Served(record),
+        })
     }
 
     async fn reset(&self, key: &str) -> Result<ResetOutcome, LedgerError> {

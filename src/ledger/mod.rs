@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-pub use claims::ClaimMap;
+pub use claims::{ClaimMap, DigestMap, KeyDigest, ServedAt, ServedEntry, TableState};
 
 /// What is kept of a served download (SPEC §2.6); never the token itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,10 +33,10 @@ pub struct ServedRecord {
 impl ServedRecord {
     /// Stands for a stored record this version cannot read: it still means "served", so the
     /// archive is refused rather than served again.
-    pub fn unreadable(key: &str) -> ServedRecord {
+    pub fn unreadable(key: &str, served_at_ms: u64) -> ServedRecord {
         ServedRecord {
             key: key.to_string(),
-            served_at_ms: now_ms(),
+            served_at_ms,
             request_id: String::new(),
             bytes: 0,
             client: String::new(),
@@ -51,8 +51,13 @@ impl ServedRecord {
 
     /// Whether `retention` has run out for this record at `now`.
     pub fn expired(&self, retention: Option<Duration>, now: SystemTime) -> bool {
-        retention.is_some_and(|keep| self.served_at() + keep <= now)
+        retention_over(self.served_at_ms, retention, now)
     }
+}
+
+/// Whether `retention` has run out at `now` for a record served at `served_at_ms`.
+pub fn retention_over(served_at_ms: u64, retention: Option<Duration>, now: SystemTime) -> bool {
+    retention.is_some_and(|keep| UNIX_EPOCH + Duration::from_millis(served_at_ms) + keep <= now)
 }
 
 /// Proof of holding the claim on one key; only its holder may commit or release it.
@@ -67,7 +72,7 @@ pub enum ClaimOutcome {
     /// This request won the key and must commit or release it.
     Claimed(Ticket),
     /// Already downloaded.
-    Served(Arc<ServedRecord>),
+    Served,
     /// Another request holds a live claim.
     InFlight,
 }

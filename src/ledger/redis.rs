@@ -10,7 +10,10 @@ use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script, Value};
 
-use super::{ClaimOutcome, KeyState, Ledger, LedgerError, ResetOutcome, ServedRecord, Ticket};
+use super::{
+    ClaimOutcome, DigestMap, KeyDigest, KeyState, Ledger, LedgerError, ResetOutcome, ServedRecord,
+    Ticket,
+};
 
 /// How long a replica trusts its cached "served" without asking Redis again: the longest a
 /// replica can refuse an archive after a reset on another if the reset message is lost.
@@ -66,7 +69,7 @@ pub struct RedisLedger {
     retention: Option<Duration>,
     scripts: Scripts,
     /// Served keys only, each until the instant it must be asked about again.
-    served: Arc<DashMap<String, (Arc<ServedRecord>, Instant)>>,
+    served: Arc<DigestMap<Instant>>,
     subscriber: tokio::task::JoinHandle<()>,
 }
 
@@ -93,7 +96,7 @@ impl RedisLedger {
             .set_max_delay(Duration::from_millis(500));
         let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| LedgerError::Unavailable(e.to_string()))?;
-        let served = Arc::new(DashMap::new());
+        let served = Arc::new(DashMap::default());
         let channel = format!("{prefix}resets");
         let subscriber = tokio::spawn(listen_for_resets(client, channel, served.clone()));
         Ok(RedisLedger {
@@ -135,7 +138,7 @@ impl RedisLedger {
         }
     }
 
-    fn cache_served(&self, key: &str, record: Arc<ServedRecord>) {
+    fn cache_served(&self, key: &str, record: &ServedRecord) {
         let mut until = Instant::now() + SERVED_CACHE_TTL;
         if let Some(retention) = self.retention {
             let left = (record.served_at() + retention)
@@ -143,13 +146,13 @@ impl RedisLedger {
                 .unwrap_or_default();
             until = until.min(Instant::now() + left);
         }
-        self.served.insert(key.to_string(), (record, until));
+        self.served.insert(KeyDigest::of(key), until);
     }
 
-    fn cached(&self, key: &str) -> Option<Arc<ServedRecord>> {
-        let entry = self.served.get(key)?;
-        let (record, until) = entry.value();
-        (*until > Instant::now()).then(|| record.clone())
+    fn cached(&self, key: &str) -> bool {
+        self.served
+            .get(&KeyDigest::of(key))
+            .is_some_and(|until| *until > Instant::now())
     }
 
     fn parse_state(key: &str, value: Option<String>) -> KeyState {
@@ -157,7 +160,8 @@ impl RedisLedger {
             None => KeyState::Unseen,
             Some(value) => match value.strip_prefix("s:") {
                 Some(json) => KeyState::Served(Arc::new(
-                    serde_json::from_str(json).unwrap_or_else(|_| ServedRecord::unreadable(key)),
+                    serde_json::from_str(json)
+                        .unwrap_or_else(|_| ServedRecord::unreadable(key, super::now_ms())),
                 )),
                 None => KeyState::InFlight,
             },
@@ -167,11 +171,7 @@ impl RedisLedger {
 
 /// Drops cached keys when any replica resets them. While the subscription is down nothing is
 /// heard, so the whole cache is dropped whenever it (re)starts; entries also expire by themselves.
-async fn listen_for_resets(
-    client: Client,
-    channel: String,
-    served: Arc<DashMap<String, (Arc<ServedRecord>, Instant)>>,
-) {
+async fn listen_for_resets(client: Client, channel: String, served: Arc<DigestMap<Instant>>) {
     loop {
         if let Ok(Ok(mut pubsub)) =
             tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub()).await
@@ -181,7 +181,7 @@ async fn listen_for_resets(
                 let mut messages = pubsub.on_message();
                 while let Some(message) = messages.next().await {
                     if let Ok(key) = message.get_payload::<String>() {
-                        served.remove(&key);
+                        served.remove(&KeyDigest::of(&key));
                     }
                 }
             }
@@ -194,8 +194,8 @@ async fn listen_for_resets(
 #[async_trait]
 impl Ledger for RedisLedger {
     async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, LedgerError> {
-        if let Some(record) = self.cached(key) {
-            return Ok(ClaimOutcome::Served(record));
+        if self.cached(key) {
+            return Ok(ClaimOutcome::Served);
         }
         let ticket = Ticket {
             key: key.to_string(),
@@ -214,8 +214,8 @@ impl Ledger for RedisLedger {
                 let value: Option<String> = redis::from_redis_value(other).unwrap_or(None);
                 match Self::parse_state(key, value) {
                     KeyState::Served(record) => {
-                        self.cache_served(key, record.clone());
-                        Ok(ClaimOutcome::Served(record))
+                        self.cache_served(key, &record);
+                        Ok(ClaimOutcome::Served)
                     }
                     // Gone between the two commands of the script cannot happen (it is atomic);
                     // an unreadable value counts as held.
@@ -249,7 +249,7 @@ impl Ledger for RedisLedger {
             .arg(retention_ms);
         match self.run::<i64>(invocation).await? {
             1 => {
-                self.cache_served(&ticket.key, Arc::new(record));
+                self.cache_served(&ticket.key, &record);
                 Ok(())
             }
             _ => Err(LedgerError::LostClaim(ticket.key.clone())),
@@ -289,7 +289,7 @@ impl Ledger for RedisLedger {
             2 => ResetOutcome::InFlight,
             _ => ResetOutcome::Unseen,
         };
-        self.served.remove(key);
+        self.served.remove(&KeyDigest::of(key));
         Ok(outcome)
     }
 
@@ -302,7 +302,7 @@ impl Ledger for RedisLedger {
 
     async fn sweep(&self) {
         let now = Instant::now();
-        self.served.retain(|_, (_, until)| *until > now);
+        self.served.retain(|_, until| *until > now);
     }
 
     async fn flush(&self) -> Result<(), LedgerError> {
