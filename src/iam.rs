@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::config::{IamConfig, UpstreamConfig};
 use crate::error::ProxyError;
-use crate::upstream::{describe_client_error, Pool};
+use crate::pool::{describe, Pool};
 
 /// Keystone answers with the whole token, service catalog included; anything bigger is not one.
 const MAX_TOKEN_BODY: usize = 4 * 1024 * 1024;
@@ -73,6 +73,7 @@ impl IamVerifier {
             .map_err(|e| format!("auth.iam.url: {e}"))?;
         let client = Pool::new(
             &config.scheme,
+            &config.authority,
             upstream.connect_timeout,
             upstream.ca_file.as_deref(),
         )?;
@@ -152,7 +153,7 @@ impl IamVerifier {
             .client
             .request(request)
             .await
-            .map_err(|e| format!("IAM unreachable: {}", describe_client_error(&e)))?;
+            .map_err(|e| format!("IAM unreachable: {}", describe(&e)))?;
         match response.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST => return Ok(Verdict::Invalid),

@@ -10,6 +10,7 @@ pub mod iam;
 pub mod layers;
 pub mod ledger;
 pub mod net;
+pub mod pool;
 pub mod reload;
 pub mod route;
 pub mod server;

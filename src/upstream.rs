@@ -6,81 +6,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use tower_http::timeout::TimeoutBody;
 
 use crate::body::ProxyBody;
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
 use crate::net::ConnInfo;
-
-/// A pooled HTTP/1.1 client, typed by the scheme it talks: the TLS-capable connector wraps
-/// every stream, so an `http` peer goes without it. The upstream and IAM both use one.
-pub enum Pool<B> {
-    Http(Client<HttpConnector, B>),
-    Https(Client<HttpsConnector<HttpConnector>, B>),
-}
-
-impl<B> Pool<B>
-where
-    B: http_body::Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    /// `ca_file` adds a trusted CA (from `upstream.ca_file`) to the web PKI roots for https.
-    pub fn new(
-        scheme: &Scheme,
-        connect_timeout: Duration,
-        ca_file: Option<&std::path::Path>,
-    ) -> Result<Pool<B>, String> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(connect_timeout));
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60));
-        Ok(if *scheme == Scheme::HTTPS {
-            let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(tls_client_config(ca_file)?)
-                .https_only()
-                .enable_http1()
-                .wrap_connector(http);
-            Pool::Https(builder.build(connector))
-        } else {
-            Pool::Http(builder.build(http))
-        })
-    }
-
-    pub fn request(&self, request: Request<B>) -> hyper_util::client::legacy::ResponseFuture {
-        match self {
-            Pool::Http(client) => client.request(request),
-            Pool::Https(client) => client.request(request),
-        }
-    }
-}
-
-/// Every source and cause of a client error on one line.
-pub fn describe_client_error(error: &hyper_util::client::legacy::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+use crate::pool::{describe, Pool, PoolError};
 
 #[derive(Clone)]
 pub struct Upstream {
@@ -95,8 +31,6 @@ struct Inner {
     /// `oncegate_upstream_response_seconds`, looked up once.
     response_seconds: metrics::Histogram,
     max_request_body: u64,
-    scheme: Scheme,
-    authority: Authority,
     host: HeaderValue,
     path_prefix: String,
     response_timeout: Duration,
@@ -108,6 +42,7 @@ impl Upstream {
     pub fn new(config: &UpstreamConfig, max_request_body: u64) -> Result<Upstream, String> {
         let client = Pool::new(
             &config.scheme,
+            &config.authority,
             config.connect_timeout,
             config.ca_file.as_deref(),
         )?;
@@ -117,8 +52,6 @@ impl Upstream {
                 client,
                 response_seconds: metrics::histogram!("oncegate_upstream_response_seconds"),
                 max_request_body,
-                scheme: config.scheme.clone(),
-                authority: config.authority.clone(),
                 host,
                 path_prefix: config.path_prefix.clone(),
                 response_timeout: config.response_timeout,
@@ -178,7 +111,7 @@ impl Upstream {
         let response = match result {
             Err(_) => return Err(ProxyError::UpstreamTimeout),
             Ok(Err(e)) if is_body_limit(&e) => return Err(ProxyError::PayloadTooLarge(limit)),
-            Ok(Err(e)) => return Err(ProxyError::UpstreamUnreachable(describe_client_error(&e))),
+            Ok(Err(e)) => return Err(ProxyError::UpstreamUnreachable(describe(&e))),
             Ok(Ok(response)) => response,
         };
         let (mut parts, body) = response.into_parts();
@@ -195,21 +128,20 @@ impl Upstream {
         Ok(Response::from_parts(parts, body))
     }
 
+    /// The request target upstream: origin-form, the path behind `upstream.path_prefix`.
     fn upstream_uri(&self, incoming: &Uri) -> Result<Uri, ProxyError> {
-        let inner = &self.inner;
+        let prefix = &self.inner.path_prefix;
+        if prefix.is_empty() && incoming.scheme().is_none() && incoming.authority().is_none() {
+            return Ok(incoming.clone());
+        }
         let path_and_query = incoming.path_and_query().map_or("/", PathAndQuery::as_str);
-        let path_and_query = if inner.path_prefix.is_empty() {
+        let path_and_query = if prefix.is_empty() {
             PathAndQuery::try_from(path_and_query)
         } else {
-            PathAndQuery::try_from(format!("{}{}", inner.path_prefix, path_and_query))
+            PathAndQuery::try_from(format!("{prefix}{path_and_query}"))
         }
         .map_err(|_| ProxyError::Internal)?;
-        Uri::builder()
-            .scheme(inner.scheme.clone())
-            .authority(inner.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|_| ProxyError::Internal)
+        Ok(Uri::from(path_and_query))
     }
 }
 
@@ -233,7 +165,7 @@ impl tower::Service<Request<Incoming>> for Upstream {
 }
 
 /// Whether sending failed because the client's body went past `server.max_request_body`.
-fn is_body_limit(error: &hyper_util::client::legacy::Error) -> bool {
+fn is_body_limit(error: &PoolError) -> bool {
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
         if cause.is::<LengthLimitError>() {
@@ -284,34 +216,6 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
     if let Ok(value) = HeaderValue::from_str(&value) {
         headers.insert(name, value);
     }
-}
-
-fn tls_client_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
-        if certs.is_empty() {
-            return Err(format!(
-                "upstream.ca_file {}: no certificate found",
-                path.display()
-            ));
-        }
-        for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 #[cfg(test)]
