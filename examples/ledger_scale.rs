@@ -6,8 +6,9 @@
 //! cargo run --release --example ledger_scale -- open /var/tmp/scale
 //! ```
 //! `fill` commits that many records through the ledger (concurrently, so they share fsyncs);
-//! `open` is a restart in a fresh process: how long until the ledger takes claims, and how
-//! much resident memory the loaded records hold.
+//! `open` is a restart in a fresh process: how long until the ledger takes claims, what a
+//! refusal costs read from the file and from memory, and how much resident memory the records
+//! hold once every one of them has been asked for.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,8 +19,13 @@ use oncegate::ledger::embedded::EmbeddedLedger;
 use oncegate::ledger::{now_ms, ClaimOutcome, Ledger, ServedRecord};
 
 const LEASE: Duration = Duration::from_secs(600);
-/// Commits waiting at once: enough to fill the writer's batches.
-const CONCURRENCY: usize = 4096;
+/// Commits waiting at once (`ONCEGATE_SCALE_CONCURRENCY`): enough to fill the writer's batches.
+fn concurrency() -> usize {
+    std::env::var("ONCEGATE_SCALE_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4096)
+}
 
 fn key(i: u64) -> String {
     format!("0f6c5e9a1b2d4c3e8f7a6b5c4d3e2f1a/b3c8f1e2-77aa-4d2e-9c1f-3a5b6c7d8e9f/archive-{i:010}")
@@ -70,7 +76,7 @@ async fn fill(dir: &Path, records: u64) {
                 }
             }
         })
-        .buffer_unordered(CONCURRENCY)
+        .buffer_unordered(concurrency())
         .collect::<()>()
         .await;
     ledger.flush().await.expect("flush");
@@ -86,8 +92,7 @@ async fn open(dir: &Path) {
     let started = Instant::now();
     let ledger = EmbeddedLedger::open(&ledger_path(dir), None).expect("open the ledger");
     let ready = started.elapsed();
-    let after = resident_bytes();
-    // The ledger answers at once: a loaded record is refused, a new key is claimed.
+    // The ledger answers at once: a recorded archive is refused, a new key is claimed.
     assert_eq!(
         ledger.claim(&key(0), LEASE).await.unwrap(),
         ClaimOutcome::Served
@@ -97,25 +102,37 @@ async fn open(dir: &Path) {
         ledger.claim(&fresh, LEASE).await.unwrap(),
         ClaimOutcome::Claimed(_)
     ));
-    let mut records = 0u64;
-    while records < u64::MAX {
-        match ledger.claim(&key(records), LEASE).await.unwrap() {
-            ClaimOutcome::Served => records = records * 2 + 1,
-            _ => break,
-        }
+    println!("restart: ready in {:.3} s", ready.as_secs_f64());
+    let mut upper = 1u64;
+    while ledger.claim(&key(upper), LEASE).await.unwrap() == ClaimOutcome::Served {
+        upper *= 2;
     }
-    let loaded = count_loaded(&ledger, records).await;
+    let records = count_records(&ledger, upper).await;
+    // Every record asked for once (read from the file into memory), then once more.
+    for pass in ["first (from the file)", "second (from memory)"] {
+        let started = Instant::now();
+        for i in 0..records {
+            assert_eq!(
+                ledger.claim(&key(i), LEASE).await.unwrap(),
+                ClaimOutcome::Served
+            );
+        }
+        println!(
+            "{pass} refusal of all {records}: {:.2} µs each",
+            started.elapsed().as_secs_f64() * 1e6 / records as f64
+        );
+    }
+    let after = resident_bytes();
     println!(
-        "restart: ready in {:.2} s with {loaded} records; resident {} MiB -> {} MiB, {:.0} bytes per record",
-        ready.as_secs_f64(),
+        "resident {} MiB -> {} MiB with all {records} records in memory: {:.0} bytes per record",
         before >> 20,
         after >> 20,
-        after.saturating_sub(before) as f64 / loaded.max(1) as f64
+        after.saturating_sub(before) as f64 / records.max(1) as f64
     );
 }
 
 /// The number of filled records: keys are dense from 0, so the first unseen one is the count.
-async fn count_loaded(ledger: &EmbeddedLedger, upper: u64) -> u64 {
+async fn count_records(ledger: &EmbeddedLedger, upper: u64) -> u64 {
     let (mut served, mut unseen) = (0u64, upper.max(1));
     while served + 1 < unseen {
         let middle = served + (unseen - served) / 2;

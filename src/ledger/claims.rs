@@ -124,6 +124,7 @@ impl<S: ServedEntry> ResetGuard<'_, S> {
             &self.digest,
             |_, slot| matches!(slot, Slot::InFlight { ticket: held, .. } if *held == ticket),
         );
+        self.map.resets.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -147,20 +148,19 @@ pub struct ClaimMap<S: ServedEntry> {
     retention: Option<Duration>,
     /// Lease deadlines are kept as nanoseconds since this instant (8 bytes, not an `Instant`'s 16).
     epoch: Instant,
+    /// Finished resets so far: a record read from the store before a reset must not be put
+    /// into the table after it.
+    resets: AtomicU64,
 }
 
 impl<S: ServedEntry> ClaimMap<S> {
     pub fn new(retention: Option<Duration>) -> ClaimMap<S> {
-        Self::with_capacity(retention, 0)
-    }
-
-    /// Sized up front for `capacity` keys (a restart that loads many records).
-    pub fn with_capacity(retention: Option<Duration>, capacity: usize) -> ClaimMap<S> {
         ClaimMap {
-            slots: DashMap::with_capacity_and_hasher(capacity, Default::default()),
+            slots: DashMap::default(),
             next_ticket: AtomicU64::new(1),
             retention,
             epoch: Instant::now(),
+            resets: AtomicU64::new(0),
         }
     }
 
@@ -189,27 +189,49 @@ impl<S: ServedEntry> ClaimMap<S> {
     }
 
     pub fn claim(&self, key: &str, lease: Duration) -> ClaimOutcome {
-        let now = self.now();
+        match self.claim_or_load(key, lease, |_| Ok::<_, ()>(None)) {
+            Ok(outcome) => outcome,
+            Err(()) => unreachable!("nothing to load"),
+        }
+    }
+
+    /// Claims `key`; for a key the table does not hold, `load` first asks the durable store
+    /// whether it was served (records are read on first use, not at startup).
+    pub fn claim_or_load<E>(
+        &self,
+        key: &str,
+        lease: Duration,
+        load: impl Fn(KeyDigest) -> Result<Option<S>, E>,
+    ) -> Result<ClaimOutcome, E> {
+        let digest = KeyDigest::of(key);
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let stored = self.load_unknown(digest, &load)?;
+        let now = self.now();
         let fresh = Slot::InFlight {
             ticket,
             expires: now.saturating_add(lease.as_nanos() as u64),
             committing: false,
         };
-        match self.slots.entry(KeyDigest::of(key)) {
-            Entry::Vacant(vacant) => {
-                vacant.insert(fresh);
-            }
+        match self.slots.entry(digest) {
+            Entry::Vacant(vacant) => match stored {
+                Some(entry) if self.live(&entry, SystemTime::now()) => {
+                    vacant.insert(Slot::Served(entry));
+                    return Ok(ClaimOutcome::Served);
+                }
+                _ => {
+                    vacant.insert(fresh);
+                }
+            },
             Entry::Occupied(mut occupied) => match occupied.get() {
                 Slot::Served(entry) if self.live(entry, SystemTime::now()) => {
-                    return ClaimOutcome::Served;
+                    return Ok(ClaimOutcome::Served);
                 }
                 Slot::InFlight {
                     expires,
                     committing,
                     ..
                 } if *committing || *expires > now => {
-                    return ClaimOutcome::InFlight;
+                    return Ok(ClaimOutcome::InFlight);
                 }
                 // A dead claim or a record past retention: the key is unseen again.
                 _ => {
@@ -217,10 +239,30 @@ impl<S: ServedEntry> ClaimMap<S> {
                 }
             },
         }
-        ClaimOutcome::Claimed(Ticket {
+        Ok(ClaimOutcome::Claimed(Ticket {
             key: key.to_string(),
             id: ticket,
-        })
+        }))
+    }
+
+    /// What the store holds for a key the table does not know (`None` when the table knows
+    /// it). A reset that finishes while the store is read makes the answer stale: read again.
+    /// The store is never read under a table lock.
+    fn load_unknown<E>(
+        &self,
+        digest: KeyDigest,
+        load: &impl Fn(KeyDigest) -> Result<Option<S>, E>,
+    ) -> Result<Option<S>, E> {
+        loop {
+            if self.slots.contains_key(&digest) {
+                return Ok(None);
+            }
+            let resets = self.resets.load(Ordering::SeqCst);
+            let stored = load(digest)?;
+            if stored.is_none() || self.resets.load(Ordering::SeqCst) == resets {
+                return Ok(stored);
+            }
+        }
     }
 
     /// Runs `change` on the slot if `ticket` still holds it; `LostClaim` otherwise.
@@ -286,9 +328,24 @@ impl<S: ServedEntry> ClaimMap<S> {
     }
 
     pub fn lookup(&self, key: &str) -> TableState<S> {
+        match self.lookup_or_load(key, |_| Ok::<_, ()>(None)) {
+            Ok(state) => state,
+            Err(()) => unreachable!("nothing to load"),
+        }
+    }
+
+    /// The key's state; for a key the table does not hold, what `load` finds in the store.
+    pub fn lookup_or_load<E>(
+        &self,
+        key: &str,
+        load: impl Fn(KeyDigest) -> Result<Option<S>, E>,
+    ) -> Result<TableState<S>, E> {
+        let digest = KeyDigest::of(key);
+        let stored = self.load_unknown(digest, &load)?;
         let now = self.now();
-        match self.slots.get(&KeyDigest::of(key)).as_deref() {
-            Some(Slot::Served(entry)) if self.live(entry, SystemTime::now()) => {
+        let wall = SystemTime::now();
+        Ok(match self.slots.get(&digest).as_deref() {
+            Some(Slot::Served(entry)) if self.live(entry, wall) => {
                 TableState::Served(entry.clone())
             }
             Some(Slot::InFlight {
@@ -296,8 +353,12 @@ impl<S: ServedEntry> ClaimMap<S> {
                 committing,
                 ..
             }) if *committing || *expires > now => TableState::InFlight,
-            _ => TableState::Unseen,
-        }
+            Some(_) => TableState::Unseen,
+            None => match stored {
+                Some(entry) if self.live(&entry, wall) => TableState::Served(entry),
+                _ => TableState::Unseen,
+            },
+        })
     }
 
     /// Removes a served record; `persist` runs (e.g. a durable delete) before the slot goes, and
@@ -321,37 +382,57 @@ impl<S: ServedEntry> ClaimMap<S> {
     /// `Err` tells why there is nothing to reset. Dropping the guard without `finish` puts the
     /// record back.
     pub fn begin_reset(&self, key: &str) -> Result<ResetGuard<'_, S>, ResetOutcome> {
+        match self.begin_reset_or_load(key, |_| Ok::<_, ()>(None)) {
+            Ok(outcome) => outcome,
+            Err(()) => unreachable!("nothing to load"),
+        }
+    }
+
+    /// `begin_reset` for a key the table may not hold yet: `load` reads the store.
+    #[allow(clippy::type_complexity)]
+    pub fn begin_reset_or_load<E>(
+        &self,
+        key: &str,
+        load: impl Fn(KeyDigest) -> Result<Option<S>, E>,
+    ) -> Result<Result<ResetGuard<'_, S>, ResetOutcome>, E> {
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let digest = KeyDigest::of(key);
+        let stored = self.load_unknown(digest, &load)?;
         let now = self.now();
-        let Some(mut slot) = self.slots.get_mut(&digest) else {
-            return Err(ResetOutcome::Unseen);
-        };
-        let entry = match &*slot {
-            Slot::Served(entry) if self.live(entry, SystemTime::now()) => entry.clone(),
-            Slot::InFlight {
-                expires,
-                committing,
-                ..
-            } if *committing || *expires > now => return Err(ResetOutcome::InFlight),
-            _ => return Err(ResetOutcome::Unseen),
-        };
-        *slot = Slot::InFlight {
+        let wall = SystemTime::now();
+        let pinned = Slot::InFlight {
             ticket,
             expires: now,
             committing: true,
         };
-        Ok(ResetGuard {
+        let guard = |entry| ResetGuard {
             map: self,
             digest,
             ticket,
             entry: Some(entry),
+        };
+        Ok(match self.slots.entry(digest) {
+            Entry::Vacant(vacant) => match stored {
+                Some(entry) if self.live(&entry, wall) => {
+                    vacant.insert(pinned);
+                    Ok(guard(entry))
+                }
+                _ => Err(ResetOutcome::Unseen),
+            },
+            Entry::Occupied(mut occupied) => match occupied.get() {
+                Slot::Served(entry) if self.live(entry, wall) => {
+                    let entry = entry.clone();
+                    occupied.insert(pinned);
+                    Ok(guard(entry))
+                }
+                Slot::InFlight {
+                    expires,
+                    committing,
+                    ..
+                } if *committing || *expires > now => Err(ResetOutcome::InFlight),
+                _ => Err(ResetOutcome::Unseen),
+            },
         })
-    }
-
-    /// Loads a durable record at startup.
-    pub fn insert_served(&self, digest: KeyDigest, entry: S) {
-        self.slots.insert(digest, Slot::Served(entry));
     }
 
     /// Drops records past retention; returns their digests. Claims are left alone: their holders
@@ -536,6 +617,61 @@ mod tests {
         );
         drop(pending);
         assert!(matches!(map.lookup(key), TableState::Served(_)));
+    }
+
+    #[test]
+    fn keys_unknown_to_the_table_are_read_from_the_store_once() {
+        let map: ClaimMap<ServedAt> = ClaimMap::new(None);
+        let reads = std::cell::Cell::new(0);
+        let store = |digest: KeyDigest| {
+            reads.set(reads.get() + 1);
+            Ok::<_, ()>((digest == KeyDigest::of("p/i/old")).then_some(ServedAt(1)))
+        };
+        let lease = Duration::from_secs(60);
+        assert_eq!(
+            map.claim_or_load("p/i/old", lease, store),
+            Ok(ClaimOutcome::Served)
+        );
+        assert_eq!(
+            map.claim_or_load("p/i/old", lease, store),
+            Ok(ClaimOutcome::Served)
+        );
+        assert_eq!(reads.get(), 1, "the answer stays in the table");
+        assert!(matches!(
+            map.claim_or_load("p/i/new", lease, store),
+            Ok(ClaimOutcome::Claimed(_))
+        ));
+        assert_eq!(
+            map.claim_or_load("p/i/x", lease, |_| Err("disk")),
+            Err("disk")
+        );
+        assert_eq!(
+            map.lookup_or_load("p/i/other", |_| Ok::<_, ()>(Some(ServedAt(1)))),
+            Ok(TableState::Served(ServedAt(1)))
+        );
+    }
+
+    #[test]
+    fn a_reset_during_a_store_read_is_not_undone_by_it() {
+        let map: ClaimMap<ServedAt> = ClaimMap::new(None);
+        let stored = std::cell::Cell::new(true);
+        let read = |_: KeyDigest| {
+            let was = stored.get();
+            if was {
+                // Another request resets the key (and deletes it from the store) meanwhile.
+                let reset = map
+                    .begin_reset_or_load("p/i/k", |_| Ok::<_, ()>(Some(ServedAt(1))))
+                    .unwrap()
+                    .unwrap();
+                stored.set(false);
+                reset.finish();
+            }
+            Ok::<_, ()>(was.then_some(ServedAt(1)))
+        };
+        assert!(matches!(
+            map.claim_or_load("p/i/k", Duration::from_secs(60), read),
+            Ok(ClaimOutcome::Claimed(_))
+        ));
     }
 
     #[test]

@@ -121,7 +121,8 @@ pub trait Ledger: Send + Sync + 'static {
     async fn ready(&self) -> bool;
     /// Drops records past retention; called on a timer.
     async fn sweep(&self);
-    /// Makes everything committed so far durable (at shutdown).
+    /// Makes everything committed so far durable and closes the store cleanly (at shutdown),
+    /// so the next start needs no recovery.
     async fn flush(&self) -> Result<(), LedgerError>;
 }
 
