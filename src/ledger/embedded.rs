@@ -99,41 +99,37 @@ impl LedgerFile {
         }
     }
 
-    fn readable(&self) -> Result<Arc<Database>, LedgerError> {
-        self.current()
-            .ok_or_else(|| LedgerError::Unavailable("the ledger file cannot be read".into()))
+    /// Reads one row of `table` (nothing when the table was never created) and maps its value.
+    fn get<V: redb::Value + 'static, T>(
+        &self,
+        table: TableDefinition<u128, V>,
+        digest: KeyDigest,
+        map: impl FnOnce(V::SelfType<'_>) -> T,
+    ) -> Result<Option<T>, LedgerError> {
+        let unavailable = |e: redb::Error| LedgerError::Unavailable(e.to_string());
+        let db = self
+            .current()
+            .ok_or_else(|| LedgerError::Unavailable("the ledger file cannot be read".into()))?;
+        let read = db.begin_read().map_err(|e| unavailable(e.into()))?;
+        let table = match read.open_table(table) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(unavailable(e.into())),
+        };
+        let row = table
+            .get(digest.as_u128())
+            .map_err(|e| unavailable(e.into()))?;
+        Ok(row.map(|row| map(row.value())))
     }
 
     /// When the key was served, if the file has a record of it.
     fn served_at(&self, digest: KeyDigest) -> Result<Option<ServedAt>, LedgerError> {
-        let unavailable = |e: redb::Error| LedgerError::Unavailable(e.to_string());
-        let db = self.readable()?;
-        let read = db.begin_read().map_err(|e| unavailable(e.into()))?;
-        let table = match read.open_table(SERVED_AT) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(unavailable(e.into())),
-        };
-        let time = table
-            .get(digest.as_u128())
-            .map_err(|e| unavailable(e.into()))?;
-        Ok(time.map(|time| ServedAt(time.value())))
+        self.get(SERVED_AT, digest, ServedAt)
     }
 
     /// The stored JSON of a record.
     fn record(&self, digest: KeyDigest) -> Result<Option<Vec<u8>>, LedgerError> {
-        let unavailable = |e: redb::Error| LedgerError::Unavailable(e.to_string());
-        let db = self.readable()?;
-        let read = db.begin_read().map_err(|e| unavailable(e.into()))?;
-        let table = match read.open_table(RECORDS) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(unavailable(e.into())),
-        };
-        let json = table
-            .get(digest.as_u128())
-            .map_err(|e| unavailable(e.into()))?;
-        Ok(json.map(|json| json.value().to_vec()))
+        self.get(RECORDS, digest, <[u8]>::to_vec)
     }
 }
 
