@@ -344,12 +344,15 @@ async fn a_full_disk_fails_the_archive_route_closed_and_recovers() {
         upstream.url(),
         disk.path.join("ledger.redb").display()
     );
-    let proxy = Process::spawn(dir.path(), &config);
+    let first = Process::spawn(dir.path(), &config);
     let full_size = body_for(&archive("disk-1")).len();
     assert_eq!(
-        get(proxy.addr, &archive("disk-1"), &[]).await.status,
+        get(first.addr, &archive("disk-1"), &[]).await.status,
         StatusCode::OK
     );
+    // A new process: disk-1 is known only to the file, read on first use.
+    drop(first.terminate_and_read_logs().await);
+    let proxy = Process::spawn(dir.path(), &config);
 
     let filler = disk.fill();
     // The first download after the disk filled up cannot be recorded, so it is not completed.

@@ -236,6 +236,10 @@ fn write_loop(file: &LedgerFile, queue: mpsc::Receiver<StoreRequest>, healthy: &
         if result.is_err() || batch.iter().any(|(op, _)| matches!(op, StoreOp::Flush)) {
             file.close();
         }
+        // Reads go on while writes fail (a full disk still lets served keys be found).
+        if result.is_err() {
+            file.current_or_reopen();
+        }
         healthy.store(result.is_ok(), Ordering::Relaxed);
         if let Err(e) = &result {
             tracing::error!(error = %e, "ledger write failed");
