@@ -1,6 +1,7 @@
 //! The in-memory claim table shared by the memory and embedded ledgers.
 //! One DashMap entry per key digest; every transition is a single entry operation, never get-then-insert.
 
+use std::convert::Infallible;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -189,9 +190,9 @@ impl<S: ServedEntry> ClaimMap<S> {
     }
 
     pub fn claim(&self, key: &str, lease: Duration) -> ClaimOutcome {
-        match self.claim_or_load(key, lease, |_| Ok::<_, ()>(None)) {
+        match self.claim_or_load(key, lease, |_| Ok::<_, Infallible>(None)) {
             Ok(outcome) => outcome,
-            Err(()) => unreachable!("nothing to load"),
+            Err(never) => match never {},
         }
     }
 
@@ -328,9 +329,9 @@ impl<S: ServedEntry> ClaimMap<S> {
     }
 
     pub fn lookup(&self, key: &str) -> TableState<S> {
-        match self.lookup_or_load(key, |_| Ok::<_, ()>(None)) {
+        match self.lookup_or_load(key, |_| Ok::<_, Infallible>(None)) {
             Ok(state) => state,
-            Err(()) => unreachable!("nothing to load"),
+            Err(never) => match never {},
         }
     }
 
@@ -382,9 +383,9 @@ impl<S: ServedEntry> ClaimMap<S> {
     /// `Err` tells why there is nothing to reset. Dropping the guard without `finish` puts the
     /// record back.
     pub fn begin_reset(&self, key: &str) -> Result<ResetGuard<'_, S>, ResetOutcome> {
-        match self.begin_reset_or_load(key, |_| Ok::<_, ()>(None)) {
+        match self.begin_reset_or_load(key, |_| Ok::<_, Infallible>(None)) {
             Ok(outcome) => outcome,
-            Err(()) => unreachable!("nothing to load"),
+            Err(never) => match never {},
         }
     }
 
