@@ -2,6 +2,7 @@
 //! hyper's `client::conn`, kept idle last-in first-out, handed back when a response body ends.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -182,7 +183,15 @@ where
         }
     }
 
-    async fn connect(&self) -> Result<http1::SendRequest<B>, PoolError> {
+    /// Boxed: connecting (TLS included) is a large future, and inline it would make every
+    /// request's future as large, copied per request though connections are mostly reused.
+    fn connect(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<http1::SendRequest<B>, PoolError>> + Send + '_>> {
+        Box::pin(self.connect_now())
+    }
+
+    async fn connect_now(&self) -> Result<http1::SendRequest<B>, PoolError> {
         let shared = &self.shared;
         let connect = async {
             let connect_error = |e: BoxError| PoolError::Connect(shared.authority.clone(), e);
