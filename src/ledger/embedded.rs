@@ -452,13 +452,7 @@ mod tests {
             let _held = claim(&ledger, "c").await;
             assert_eq!(ledger.reset("b").await.unwrap(), ResetOutcome::Reset);
         }
-        // The writer thread holds the file until its queue closes.
-        let ledger = loop {
-            match EmbeddedLedger::open(&path, None) {
-                Ok(ledger) => break ledger,
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        };
+        let ledger = reopen(&path, None).await;
         assert_eq!(
             ledger.lookup("a").await.unwrap(),
             KeyState::Served(Arc::new(record_with_time(&ledger, "a").await))
@@ -584,6 +578,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_flush_closes_the_file_cleanly_so_it_opens_without_repair() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.redb");
+        let ledger = EmbeddedLedger::open(&path, None).unwrap();
+        let ticket = claim(&ledger, "p/i/a").await;
+        ledger.commit(&ticket, record("p/i/a")).await.unwrap();
+        ledger.flush().await.unwrap();
+        // The file is free (the process still runs) and needs no repair pass.
+        let repaired = std::rc::Rc::new(std::cell::Cell::new(false));
+        let seen = repaired.clone();
+        let db = redb::Builder::new()
+            .set_repair_callback(move |_| seen.set(true))
+            .create(&path)
+            .unwrap();
+        assert!(!repaired.get(), "the file needed a repair");
+        let read = db.begin_read().unwrap();
+        assert_eq!(read.open_table(SERVED_AT).unwrap().len().unwrap(), 1);
+    }
+
+    #[tokio::test]
     async fn second_process_cannot_open_the_same_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.redb");
@@ -610,12 +624,7 @@ mod tests {
             task.await.unwrap();
         }
         drop(ledger);
-        let reopened = loop {
-            match EmbeddedLedger::open(&path, None) {
-                Ok(ledger) => break ledger,
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        };
+        let reopened = reopen(&path, None).await;
         for i in 0..64 {
             assert!(matches!(
                 reopened.lookup(&format!("k{i}")).await.unwrap(),
