@@ -145,18 +145,19 @@ impl ProxyError {
     /// The response for this error. `close` asks HTTP/1 clients to drop the connection, used when
     /// the request body was never read.
     pub fn into_response(self, request_id: &str, close: bool) -> Response<ProxyBody> {
-        let details = self.details();
-        let body = ErrorBody {
-            error_code: self.error_code(),
-            error_msg: self.summary(),
-            error_details: &truncate(&details),
-            request_id: &truncate(request_id),
-        };
         let mut json = Vec::with_capacity(ERROR_BODY_CAPACITY);
-        if serde_json::to_writer(&mut json, &body).is_err() {
-            json.clear();
-        }
+        json.extend_from_slice(b"{\"error_code\":");
+        write_json_str(&mut json, self.error_code());
+        json.extend_from_slice(b",\"error_msg\":");
+        write_json_str(&mut json, self.summary());
+        json.extend_from_slice(b",\"error_details\":");
+        write_json_str(&mut json, truncate(&self.details()));
+        json.extend_from_slice(b",\"request_id\":");
+        write_json_str(&mut json, truncate(request_id));
+        json.push(b'}');
         let mut response = Response::new(crate::body::full(json));
+        // Room for every header set here and below, so the map never grows.
+        *response.headers_mut() = http::HeaderMap::with_capacity(8);
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -196,20 +197,29 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
     secs.max(1)
 }
 
-/// At most `MAX_FIELD_CHARS` characters; borrowed when already short enough.
-fn truncate(value: &str) -> Cow<'_, str> {
+/// At most `MAX_FIELD_CHARS` characters.
+fn truncate(value: &str) -> &str {
+    // Never more characters than bytes: the common short value needs no scan.
+    if value.len() <= MAX_FIELD_CHARS {
+        return value;
+    }
     match value.char_indices().nth(MAX_FIELD_CHARS) {
-        None => Cow::Borrowed(value),
-        Some((end, _)) => Cow::Borrowed(&value[..end]),
+        None => value,
+        Some((end, _)) => &value[..end],
     }
 }
 
-#[derive(serde::Serialize)]
-struct ErrorBody<'a> {
-    error_code: &'static str,
-    error_msg: &'static str,
-    error_details: &'a str,
-    request_id: &'a str,
+/// `value` as a JSON string. Most values need no escaping and are copied as they are; the rest
+/// go through serde_json.
+fn write_json_str(out: &mut Vec<u8>, value: &str) {
+    if value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(value.as_bytes());
+        out.push(b'"');
+    } else if serde_json::to_writer(&mut *out, value).is_err() {
+        // Writing a string into a Vec cannot fail; keep the body valid JSON all the same.
+        out.extend_from_slice(b"\"\"");
+    }
 }
 
 #[cfg(test)]
@@ -224,17 +234,42 @@ mod tests {
         assert_eq!(retry_after_secs(Duration::ZERO), 1);
     }
 
-    #[test]
-    fn every_field_is_capped() {
-        let long = "x".repeat(500);
-        let response = ProxyError::UpstreamUnreachable(long.clone()).into_response(&long, false);
-        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    fn body_of(response: Response<ProxyBody>) -> serde_json::Value {
         use http_body_util::BodyExt;
         let body = futures_util::FutureExt::now_or_never(response.into_body().collect())
             .unwrap()
             .unwrap()
             .to_bytes();
-        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    #[test]
+    fn fields_that_need_escaping_stay_valid_json() {
+        let odd = "quote \" backslash \\ tab \t bell \u{7} é";
+        let body =
+            body_of(ProxyError::UpstreamUnreachable(odd.to_string()).into_response("id-1", false));
+        assert_eq!(
+            body["error_details"],
+            format!("upstream unreachable: {odd}")
+        );
+        assert_eq!(body["request_id"], "id-1");
+        assert_eq!(body["error_code"], "APIC.0202");
+        assert_eq!(body["error_msg"], "bad gateway");
+    }
+
+    #[test]
+    fn long_fields_are_cut_at_a_character_boundary() {
+        let accented = "é".repeat(200);
+        let body = body_of(ProxyError::Internal.into_response(&accented, false));
+        assert_eq!(body["request_id"], "é".repeat(MAX_FIELD_CHARS));
+    }
+
+    #[test]
+    fn every_field_is_capped() {
+        let long = "x".repeat(500);
+        let response = ProxyError::UpstreamUnreachable(long.clone()).into_response(&long, false);
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        let value = body_of(response);
         for field in ["error_code", "error_msg", "error_details", "request_id"] {
             let text = value[field].as_str().unwrap();
             assert!(

@@ -223,10 +223,10 @@ impl RouteTemplate {
             if index > 0 {
                 key.push('/');
             }
+            let start = key.len();
+            key.push_str(param);
             if fold_case {
-                key.extend(param.chars().map(|c| c.to_ascii_lowercase()));
-            } else {
-                key.push_str(param);
+                key[start..].make_ascii_lowercase();
             }
         }
         match bad_parameter {
@@ -235,7 +235,7 @@ impl RouteTemplate {
                 reason: problem,
             }),
             None => RouteMatch::Archive(ArchiveKey {
-                key,
+                key: key.into(),
                 param_names: Arc::clone(&self.param_names),
             }),
         }
@@ -381,7 +381,8 @@ impl PathRejection {
 /// to the template, and the ledger identifies archives by the string.
 #[derive(Debug, Clone)]
 pub struct ArchiveKey {
-    key: String,
+    /// Shared by the layers and the log event of one request instead of copied.
+    key: Arc<str>,
     param_names: Arc<[Box<str>]>,
 }
 
@@ -405,6 +406,11 @@ impl ArchiveKey {
         &self.key
     }
 
+    /// The key string, shared.
+    pub fn shared(&self) -> Arc<str> {
+        Arc::clone(&self.key)
+    }
+
     /// A captured param by template name, as folded in the key (e.g. "project_id").
     pub fn param(&self, name: &str) -> Option<&str> {
         let index = self.param_names.iter().position(|known| &**known == name)?;
@@ -423,7 +429,7 @@ impl ArchiveKey {
             parts += 1;
         }
         (parts == template.param_names.len()).then(|| ArchiveKey {
-            key: key.to_owned(),
+            key: key.into(),
             param_names: Arc::clone(&template.param_names),
         })
     }

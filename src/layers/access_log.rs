@@ -1,22 +1,19 @@
-//! One access-log event and the request metrics per request (SPEC §6), emitted when the
-//! response body ends or is dropped, so `bytes` and the download `outcome` are final.
+//! One access-log event and the request metrics per request (SPEC §6), written when the response
+//! body ends or is dropped (so `bytes` and `outcome` are final), from what the layers noted.
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use tower::{Layer, Service};
-use tracing::Instrument;
+use http_body_util::BodyExt;
 
-use super::request_id::request_id_of;
 use crate::body::{BoxError, ProxyBody};
+use crate::route::RouteMatch;
 
 /// What became of a request on the archive route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,16 +64,50 @@ impl Outcome {
     }
 }
 
-/// Filled in by the inner layers (archive key, outcome) and read when the event is written.
-#[derive(Debug, Default)]
+/// One request's facts for its log event, shared by the layers: the request id (set at the
+/// edge), the archive key (set when the path is classified) and the outcome (set by the layer
+/// that decides it).
+#[derive(Debug)]
 pub struct AccessNote {
-    archive: OnceLock<String>,
+    request_id: HeaderValue,
+    archive_route: AtomicBool,
+    archive: OnceLock<Arc<str>>,
     outcome: AtomicU8,
 }
 
 impl AccessNote {
-    pub fn set_archive(&self, key: &str) {
-        let _ = self.archive.set(key.to_string());
+    pub fn new(request_id: HeaderValue) -> AccessNote {
+        AccessNote {
+            request_id,
+            archive_route: AtomicBool::new(false),
+            archive: OnceLock::new(),
+            outcome: AtomicU8::new(0),
+        }
+    }
+
+    /// The id as text (always visible ASCII: checked or made at the edge).
+    pub fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or_default()
+    }
+
+    pub fn request_id_header(&self) -> &HeaderValue {
+        &self.request_id
+    }
+
+    /// Notes whether the path is on the archive route, and its key when it has one.
+    pub fn set_route(&self, matched: &RouteMatch) {
+        match matched {
+            RouteMatch::NotRoute => {}
+            RouteMatch::Reject(_) => self.archive_route.store(true, Ordering::Release),
+            RouteMatch::Archive(key) => {
+                self.archive_route.store(true, Ordering::Release);
+                let _ = self.archive.set(key.shared());
+            }
+        }
+    }
+
+    pub fn on_archive_route(&self) -> bool {
+        self.archive_route.load(Ordering::Acquire)
     }
 
     pub fn set_outcome(&self, outcome: Outcome) {
@@ -88,83 +119,38 @@ impl AccessNote {
     }
 }
 
-/// Records an outcome on the request's note, if the access-log layer is present.
-pub fn note_outcome<B>(request: &Request<B>, outcome: Outcome) {
-    if let Some(note) = request.extensions().get::<Arc<AccessNote>>() {
-        note.set_outcome(outcome);
+impl Default for AccessNote {
+    /// For a layer used without the edge (tests): an empty id.
+    fn default() -> AccessNote {
+        AccessNote::new(HeaderValue::from_static(""))
     }
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AccessLogLayer;
-
-impl<S> Layer<S> for AccessLogLayer {
-    type Service = AccessLog<S>;
-    fn layer(&self, inner: S) -> AccessLog<S> {
-        AccessLog { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct AccessLog<S> {
-    inner: S,
-}
-
-impl<S, B> Service<Request<B>> for AccessLog<S>
-where
-    S: Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<ProxyBody>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let note = Arc::new(AccessNote::default());
-        request.extensions_mut().insert(note.clone());
-        let request_id = request_id_of(&request);
-        let span = tracing::info_span!("request", request_id = %request_id);
-        let entry = Entry {
-            started: Instant::now(),
-            method: request.method().clone(),
-            uri: request.uri().clone(),
-            request_id,
-            note,
-            span: span.clone(),
-        };
-        let response = self.inner.call(request).instrument(span);
-        Box::pin(async move {
-            let Ok(response) = response.await;
-            let (parts, body) = response.into_parts();
-            let logged = LoggedBody {
-                inner: body,
-                bytes: 0,
-                status: parts.status.as_u16(),
-                entry: Some(entry),
-            };
-            Ok(Response::from_parts(
-                parts,
-                http_body_util::BodyExt::boxed_unsync(logged),
-            ))
-        })
-    }
-}
-
-struct Entry {
+/// What the log event needs from the request, taken when it arrives.
+pub struct Entry {
     started: Instant,
     method: http::Method,
     /// Cloning a `Uri` shares its bytes: no copy of the path per request.
     uri: http::Uri,
-    request_id: String,
     note: Arc<AccessNote>,
     span: tracing::Span,
 }
 
-struct LoggedBody {
+impl Entry {
+    pub fn new<B>(request: &Request<B>, note: Arc<AccessNote>, span: tracing::Span) -> Entry {
+        Entry {
+            started: Instant::now(),
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            note,
+            span,
+        }
+    }
+}
+
+/// The response body, counted; the log event and the request metrics go out when it ends or is
+/// dropped.
+pub struct LoggedBody {
     inner: ProxyBody,
     bytes: u64,
     status: u16,
@@ -173,6 +159,19 @@ struct LoggedBody {
 }
 
 impl LoggedBody {
+    pub fn wrap(response: Response<ProxyBody>, entry: Entry) -> Response<ProxyBody> {
+        let status = response.status().as_u16();
+        response.map(|inner| {
+            LoggedBody {
+                inner,
+                bytes: 0,
+                status,
+                entry: Some(entry),
+            }
+            .boxed_unsync()
+        })
+    }
+
     fn finish(&mut self) {
         let Some(entry) = self.entry.take() else {
             return;
@@ -181,13 +180,13 @@ impl LoggedBody {
         let duration_ms = duration.as_secs_f64() * 1000.0;
         let status = self.status;
         // Both are set on the archive route only (archive: when the path gave a key).
-        let archive = entry.note.archive.get().map(String::as_str);
+        let archive = entry.note.archive.get().map(|key| &**key);
         let noted = entry.note.outcome();
         let outcome = noted.map(Outcome::as_str);
         let _enter = entry.span.enter();
         tracing::info!(
             target: "oncegate::access",
-            request_id = %entry.request_id, method = %entry.method, path = %entry.uri.path(),
+            request_id = entry.note.request_id(), method = %entry.method, path = %entry.uri.path(),
             status, duration_ms, bytes = self.bytes, archive, outcome,
             "request"
         );

@@ -18,7 +18,6 @@ use tower::{Layer, Service};
 
 use super::access_log::{AccessNote, Outcome};
 use super::auth::TokenDigest;
-use super::request_id::request_id_of;
 use crate::body::{BoxError, ProxyBody};
 use crate::config::CommitMode;
 use crate::error::{set_no_store, ProxyError};
@@ -104,9 +103,8 @@ where
                 };
                 return Box::pin(std::future::ready(Err(error)));
             }
-            Some(RouteMatch::Archive(key)) => key.as_str().to_string(),
+            Some(RouteMatch::Archive(key)) => key.shared(),
         };
-        note.set_archive(&key);
         if request.method() != Method::GET {
             note.set_outcome(Outcome::Rejected);
             return Box::pin(std::future::ready(Err(ProxyError::MethodNotAllowed)));
@@ -125,7 +123,7 @@ async fn download<S, B>(
     policy: Arc<OncePolicy>,
     mut inner: S,
     request: Request<B>,
-    key: String,
+    key: Arc<str>,
     note: Arc<AccessNote>,
 ) -> Result<Response<ProxyBody>, ProxyError>
 where
@@ -149,7 +147,7 @@ where
     let mut claim = Claim::new(policy.ledger.clone(), ticket, note.clone());
     let record = RecordDraft {
         key,
-        request_id: request_id_of(&request),
+        request_id: note.request_id().to_string(),
         client: request
             .extensions()
             .get::<ConnInfo>()
@@ -216,7 +214,7 @@ fn content_length(response: &Response<ProxyBody>) -> Option<u64> {
 
 /// The fields of a served record known before the transfer.
 struct RecordDraft {
-    key: String,
+    key: Arc<str>,
     request_id: String,
     client: String,
     token_sha256_prefix: String,
@@ -226,7 +224,7 @@ struct RecordDraft {
 impl RecordDraft {
     fn finish(self, bytes: u64) -> ServedRecord {
         ServedRecord {
-            key: self.key,
+            key: self.key.to_string(),
             served_at_ms: now_ms(),
             request_id: self.request_id,
             bytes,
