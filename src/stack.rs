@@ -43,12 +43,10 @@ pub fn build(
         .layer(EdgeLayer::new(parts.trust_incoming_id))
         // Classify the path once: auth needs the project, the once layer the key, the access log
         // the key and whether this is the archive route.
-        .map_request(move |mut request: Request<Incoming>| {
-            let matched = route.classify(request.uri().path(), fold_case);
+        .map_request(move |request: Request<Incoming>| {
             if let Some(note) = request.extensions().get::<Arc<AccessNote>>() {
-                note.set_route(&matched);
+                note.set_route(route.classify(request.uri().path(), fold_case));
             }
-            request.extensions_mut().insert(matched);
             request
         })
         // Cheapest refusal first, and before auth so bad tokens cannot be tried at full speed.

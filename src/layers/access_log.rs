@@ -2,7 +2,7 @@
 //! body ends or is dropped (so `bytes` and `outcome` are final), from what the layers noted.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -64,14 +64,12 @@ impl Outcome {
     }
 }
 
-/// One request's facts for its log event, shared by the layers: the request id (set at the
-/// edge), the archive key (set when the path is classified) and the outcome (set by the layer
-/// that decides it).
+/// One request's facts, shared by the layers and its log event: the request id (set at the
+/// edge), how its path was classified, and the outcome (set by the layer that decides it).
 #[derive(Debug)]
 pub struct AccessNote {
     request_id: HeaderValue,
-    archive_route: AtomicBool,
-    archive: OnceLock<Arc<str>>,
+    route: OnceLock<RouteMatch>,
     outcome: AtomicU8,
 }
 
@@ -79,8 +77,7 @@ impl AccessNote {
     pub fn new(request_id: HeaderValue) -> AccessNote {
         AccessNote {
             request_id,
-            archive_route: AtomicBool::new(false),
-            archive: OnceLock::new(),
+            route: OnceLock::new(),
             outcome: AtomicU8::new(0),
         }
     }
@@ -94,20 +91,21 @@ impl AccessNote {
         &self.request_id
     }
 
-    /// Notes whether the path is on the archive route, and its key when it has one.
-    pub fn set_route(&self, matched: &RouteMatch) {
-        match matched {
-            RouteMatch::NotRoute => {}
-            RouteMatch::Reject(_) => self.archive_route.store(true, Ordering::Release),
-            RouteMatch::Archive(key) => {
-                self.archive_route.store(true, Ordering::Release);
-                let _ = self.archive.set(key.shared());
-            }
-        }
+    /// Set once, by the classification step.
+    pub fn set_route(&self, matched: RouteMatch) {
+        let _ = self.route.set(matched);
+    }
+
+    /// `None` until the path is classified.
+    pub fn route(&self) -> Option<&RouteMatch> {
+        self.route.get()
     }
 
     pub fn on_archive_route(&self) -> bool {
-        self.archive_route.load(Ordering::Acquire)
+        matches!(
+            self.route(),
+            Some(RouteMatch::Archive(_) | RouteMatch::Reject(_))
+        )
     }
 
     pub fn set_outcome(&self, outcome: Outcome) {
@@ -117,6 +115,11 @@ impl AccessNote {
     pub fn outcome(&self) -> Option<Outcome> {
         Outcome::from_u8(self.outcome.load(Ordering::Acquire))
     }
+}
+
+/// The request's classified path, if the edge and the classification step ran.
+pub fn route_of<B>(request: &Request<B>) -> Option<&RouteMatch> {
+    request.extensions().get::<Arc<AccessNote>>()?.route()
 }
 
 impl Default for AccessNote {
@@ -180,7 +183,10 @@ impl LoggedBody {
         let duration_ms = duration.as_secs_f64() * 1000.0;
         let status = self.status;
         // Both are set on the archive route only (archive: when the path gave a key).
-        let archive = entry.note.archive.get().map(|key| &**key);
+        let archive = match entry.note.route() {
+            Some(RouteMatch::Archive(key)) => Some(key.as_str()),
+            _ => None,
+        };
         let noted = entry.note.outcome();
         let outcome = noted.map(Outcome::as_str);
         let _enter = entry.span.enter();

@@ -17,6 +17,7 @@ use crate::body::ProxyBody;
 use crate::config::{AuthConfig, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::iam::{IamVerifier, Identity};
+use crate::layers::access_log::route_of;
 use crate::route::{v2_project_segment, RouteMatch};
 
 pub const X_AUTH_TOKEN: &str = "x-auth-token";
@@ -196,7 +197,7 @@ fn set_identity_headers(headers: &mut HeaderMap, identity: &Identity) {
 /// The project a request is about: the archive key's `project_id`, or the `/v2/{project_id}/`
 /// prefix of any other path.
 fn project_of<B>(request: &Request<B>) -> Option<String> {
-    match request.extensions().get::<RouteMatch>() {
+    match route_of(request) {
         Some(RouteMatch::Archive(key)) => key.param("project_id").map(str::to_string),
         _ => v2_project_segment(request.uri().path()).map(str::to_string),
     }
@@ -272,6 +273,7 @@ where
 mod tests {
     use super::*;
     use crate::config::StaticToken;
+    use crate::layers::access_log::AccessNote;
     use crate::route::RouteTemplate;
 
     fn upstream() -> UpstreamConfig {
@@ -287,7 +289,9 @@ mod tests {
         }
         let mut request = builder.body(()).unwrap();
         let route = RouteTemplate::parse(crate::config::DEFAULT_ROUTE).unwrap();
-        request.extensions_mut().insert(route.classify(path, true));
+        let note = AccessNote::default();
+        note.set_route(route.classify(path, true));
+        request.extensions_mut().insert(Arc::new(note));
         request
     }
 

@@ -93,7 +93,7 @@ where
             .get::<Arc<AccessNote>>()
             .cloned()
             .unwrap_or_default();
-        let key = match request.extensions().get::<RouteMatch>() {
+        let key = match note.route() {
             None | Some(RouteMatch::NotRoute) => return Box::pin(self.inner.call(request)),
             Some(RouteMatch::Reject(rejection)) => {
                 note.set_outcome(Outcome::Rejected);
