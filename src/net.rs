@@ -43,6 +43,28 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     client
 }
 
+/// An address as text. IPv4, the usual case, is written digit by digit: `Display` goes through
+/// the padding-aware formatter, ~1.5k instructions per address, twice per forwarded request.
+pub fn ip_text(ip: IpAddr) -> String {
+    let IpAddr::V4(v4) = ip else {
+        return ip.to_string();
+    };
+    let mut text = String::with_capacity(15);
+    for (index, octet) in v4.octets().into_iter().enumerate() {
+        if index > 0 {
+            text.push('.');
+        }
+        if octet >= 100 {
+            text.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            text.push(char::from(b'0' + octet / 10 % 10));
+        }
+        text.push(char::from(b'0' + octet % 10));
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +94,23 @@ mod tests {
         assert_eq!(client_ip(proxy, &headers("garbage"), &trusted), proxy);
         assert_eq!(client_ip(proxy, &HeaderMap::new(), &trusted), proxy);
         assert_eq!(client_ip(proxy, &headers("1.2.3.4"), &[]), proxy);
+    }
+
+    #[test]
+    fn ip_text_matches_display() {
+        for text in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "255.255.255.255",
+            "10.0.100.9",
+            "100.20.3.0",
+            "199.99.9.109",
+            "::1",
+            "2001:db8::7",
+            "::ffff:1.2.3.4",
+        ] {
+            let ip: IpAddr = text.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
     }
 }

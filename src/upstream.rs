@@ -15,8 +15,12 @@ use tower_http::timeout::TimeoutBody;
 use crate::body::ProxyBody;
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
-use crate::net::ConnInfo;
+use crate::layers::request_id::X_REQUEST_ID;
+use crate::net::{ip_text, ConnInfo};
 use crate::pool::{describe, Pool, PoolError};
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 #[derive(Clone)]
 pub struct Upstream {
@@ -96,10 +100,9 @@ impl Upstream {
         if let Some(conn) = conn {
             append_forwarded_for(&mut parts.headers, conn.peer);
             let proto = if conn.tls { "https" } else { "http" };
-            parts.headers.insert(
-                HeaderName::from_static("x-forwarded-proto"),
-                HeaderValue::from_static(proto),
-            );
+            parts
+                .headers
+                .insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         }
 
         let started = Instant::now();
@@ -117,9 +120,7 @@ impl Upstream {
         let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
         // The client gets this request's id (set by the request-id layer), never the upstream's.
-        parts
-            .headers
-            .remove(HeaderName::from_static("x-request-id"));
+        parts.headers.remove(X_REQUEST_ID);
         // A body that stops flowing for this long counts as a dead upstream (the header timeout
         // is for the headers only: a slow archive may pause).
         let body = TimeoutBody::new(inner.body_idle_timeout, body)
@@ -178,6 +179,10 @@ fn is_body_limit(error: &PoolError) -> bool {
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): `Connection`, every header it names, and the fixed list.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names instead of a removal per listed name.
+    if !headers.keys().any(is_fixed_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -201,20 +206,34 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The names RFC 9110 §7.6.1 and common practice make hop-by-hop whatever `Connection` says.
+fn is_fixed_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
 fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let name = HeaderName::from_static("x-forwarded-for");
-    let earlier: Vec<&str> = headers
-        .get_all(&name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let value = if earlier.is_empty() {
-        peer.ip().to_string()
-    } else {
-        format!("{}, {}", earlier.join(", "), peer.ip())
+    let peer = ip_text(peer.ip());
+    let value = match headers.entry(X_FORWARDED_FOR) {
+        header::Entry::Vacant(entry) => {
+            if let Ok(value) = HeaderValue::try_from(peer) {
+                entry.insert(value);
+            }
+            return;
+        }
+        header::Entry::Occupied(entry) => {
+            let mut earlier: Vec<&str> = entry.iter().filter_map(|v| v.to_str().ok()).collect();
+            earlier.push(&peer);
+            earlier.join(", ")
+        }
     };
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert(name, value);
+    if let Ok(value) = HeaderValue::try_from(value) {
+        headers.insert(X_FORWARDED_FOR, value);
     }
 }
 

@@ -20,7 +20,7 @@ use crate::iam::{IamVerifier, Identity};
 use crate::layers::access_log::route_of;
 use crate::route::{v2_project_segment, RouteMatch};
 
-pub const X_AUTH_TOKEN: &str = "x-auth-token";
+pub const X_AUTH_TOKEN: HeaderName = HeaderName::from_static("x-auth-token");
 const MAX_TOKEN_LEN: usize = 100_000;
 
 /// SHA-256 of the request's token, put into the request's extensions once it is accepted:

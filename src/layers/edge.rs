@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::FutureExt;
-use http::header::{self, HeaderName};
+use http::header;
 use http::{Request, Response, Version};
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -71,10 +71,7 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         // Before anything can log a header: the token is shown as "Sensitive" if ever printed.
-        if let header::Entry::Occupied(mut tokens) = request
-            .headers_mut()
-            .entry(HeaderName::from_static(X_AUTH_TOKEN))
-        {
+        if let header::Entry::Occupied(mut tokens) = request.headers_mut().entry(X_AUTH_TOKEN) {
             tokens
                 .iter_mut()
                 .for_each(|token| token.set_sensitive(true));

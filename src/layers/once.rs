@@ -23,7 +23,7 @@ use crate::config::CommitMode;
 use crate::error::{set_no_store, ProxyError};
 use crate::iam::Identity;
 use crate::ledger::{now_ms, ClaimOutcome, Ledger, LedgerError, ServedRecord, Ticket};
-use crate::net::{client_ip, ConnInfo};
+use crate::net::{client_ip, ip_text, ConnInfo};
 use crate::route::{RejectKind, RouteMatch};
 
 /// Request headers that would let a client fetch part of an archive or a cached nothing.
@@ -152,7 +152,11 @@ where
             .extensions()
             .get::<ConnInfo>()
             .map(|conn| {
-                client_ip(conn.peer.ip(), request.headers(), &policy.trusted_proxies).to_string()
+                ip_text(client_ip(
+                    conn.peer.ip(),
+                    request.headers(),
+                    &policy.trusted_proxies,
+                ))
             })
             .unwrap_or_default(),
         token_sha256_prefix: request

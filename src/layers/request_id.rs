@@ -1,10 +1,11 @@
 //! Request ids (SPEC §6): keep a well-formed incoming `X-Request-Id` when trusted, else make one.
 //! This file decides what counts as acceptable and makes ids; the edge layer applies them.
 
+use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue, Request};
 use tower_http::request_id::{MakeRequestId, RequestId};
 
-pub const X_REQUEST_ID: &str = "x-request-id";
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Makes ids of 32 lowercase hex characters (for the admin listener's tower-http layers).
 #[derive(Debug, Clone, Copy, Default)]
