@@ -214,10 +214,20 @@ impl RouteTemplate {
             .filter(|(segment, _)| matches!(segment, Segment::Param))
             .map(|(_, piece)| piece);
         for (index, param) in params.enumerate() {
-            if let Some(problem) = non_canonical_problem(param) {
+            // The usual parameter is all parameter bytes: then only its shape and length can be
+            // wrong, and the byte-by-byte reasons are looked for only when it is not.
+            let plain = param
+                .bytes()
+                .fold(true, |plain, b| plain & is_param_byte(b));
+            let shape_problem = if plain {
+                dot_or_empty_problem(param)
+            } else {
+                non_canonical_problem(param)
+            };
+            if let Some(problem) = shape_problem {
                 return RouteMatch::Reject(PathRejection::non_canonical(problem));
             }
-            if bad_parameter.is_none() {
+            if bad_parameter.is_none() && !(plain && param.len() <= MAX_PARAM_LEN) {
                 bad_parameter = bad_parameter_problem(param);
             }
             if index > 0 {
@@ -483,13 +493,15 @@ fn byte_problem(byte: u8) -> Option<&'static str> {
 
 /// The ROMA.1007 problem of one parameter segment of a route-shaped path.
 fn non_canonical_problem(param: &str) -> Option<&'static str> {
-    if param.is_empty() {
-        return Some(reason::EMPTY_SEGMENT);
+    dot_or_empty_problem(param).or_else(|| param.bytes().find_map(byte_problem))
+}
+
+fn dot_or_empty_problem(param: &str) -> Option<&'static str> {
+    match param {
+        "" => Some(reason::EMPTY_SEGMENT),
+        "." | ".." => Some(reason::DOT_SEGMENT),
+        _ => None,
     }
-    if param == "." || param == ".." {
-        return Some(reason::DOT_SEGMENT);
-    }
-    param.bytes().find_map(byte_problem)
 }
 
 /// The ROMA.13000 problem of one parameter, if any.

@@ -179,7 +179,8 @@ fn is_body_limit(error: &PoolError) -> bool {
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): `Connection`, every header it names, and the fixed list.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names instead of a removal per listed name.
+    // Most requests carry none, and most responses only `Connection: keep-alive`: look before
+    // removing, and make a name only for a header that is there.
     if !headers.keys().any(is_fixed_hop_by_hop) {
         return;
     }
@@ -188,20 +189,18 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|name| headers.contains_key(*name))
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
     for name in named {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        HeaderName::from_static("proxy-connection"),
-    ] {
+    while let Some(name) = headers
+        .keys()
+        .find(|name| is_fixed_hop_by_hop(name))
+        .cloned()
+    {
         headers.remove(name);
     }
 }

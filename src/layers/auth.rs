@@ -2,12 +2,12 @@
 //! matches its SHA-256 against configured tokens, `iam` asks Keystone. Runs before the ledger.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
+use std::future::Ready;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
+use futures_util::future::{BoxFuture, Either};
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response};
 use sha2::{Digest, Sha256};
@@ -241,7 +241,11 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>;
+    /// Boxed only for IAM, which has to wait for its answer.
+    type Future = Either<
+        Ready<Result<Response<ProxyBody>, ProxyError>>,
+        Either<S::Future, BoxFuture<'static, Result<Response<ProxyBody>, ProxyError>>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -254,17 +258,17 @@ where
             let clone = self.inner.clone();
             let mut inner = std::mem::replace(&mut self.inner, clone);
             let authenticator = arc_swap::Guard::into_inner(authenticator);
-            return Box::pin(async move {
+            return Either::Right(Either::Right(Box::pin(async move {
                 authenticator.authenticate(&mut request).await?;
                 inner.call(request).await
-            });
+            })));
         }
         match authenticator.check(&request) {
             Ok(digest) => {
                 request.extensions_mut().insert(digest);
-                Box::pin(self.inner.call(request))
+                Either::Right(Either::Left(self.inner.call(request)))
             }
-            Err(error) => Box::pin(std::future::ready(Err(error))),
+            Err(error) => Either::Left(std::future::ready(Err(error))),
         }
     }
 }

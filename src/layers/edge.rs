@@ -86,7 +86,10 @@ where
         let close = request.version() <= Version::HTTP_11 && has_body(&request);
         // A bug must cost one request a 500, never the connection or the process.
         let inner = &mut self.inner;
-        let response = std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(request)))
+        // In the request's span, so what the inner layers log (or keep, like a claim) before
+        // their futures run carries the request id too.
+        let response = span
+            .in_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(request))))
             .map(|response| AssertUnwindSafe(response).catch_unwind());
         Box::pin(
             async move {

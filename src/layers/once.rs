@@ -109,42 +109,78 @@ where
             note.set_outcome(Outcome::Rejected);
             return Box::pin(std::future::ready(Err(ProxyError::MethodNotAllowed)));
         }
+        // Most stores answer on the spot: a refusal then needs no download future at all.
+        let claimed = match self.policy.ledger.claim_now(&key, self.policy.lease) {
+            None => None,
+            // Held by a guard from here on: a future dropped before it is first polled still
+            // gives the key back.
+            Some(answer) => match claimed_ticket(answer, &note) {
+                Ok(ticket) => Some(Claim::new(self.policy.ledger.clone(), ticket, note.clone())),
+                Err(refusal) => return Box::pin(std::future::ready(Err(refusal))),
+            },
+        };
         for name in &PARTIAL_REQUEST_HEADERS {
             request.headers_mut().remove(name);
         }
         // Take the service that was driven to readiness, leave a fresh clone behind.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(download(self.policy.clone(), inner, request, key, note))
+        Box::pin(download(
+            self.policy.clone(),
+            inner,
+            request,
+            key,
+            note,
+            claimed,
+        ))
     }
 }
 
+/// The ticket of a won claim, or the refusal for any other answer (noted for the access log).
+fn claimed_ticket(
+    answer: Result<ClaimOutcome, LedgerError>,
+    note: &AccessNote,
+) -> Result<Ticket, ProxyError> {
+    match answer {
+        Ok(ClaimOutcome::Claimed(ticket)) => Ok(ticket),
+        Ok(ClaimOutcome::Served) => {
+            note.set_outcome(Outcome::RefusedServed);
+            Err(ProxyError::AlreadyDownloaded)
+        }
+        Ok(ClaimOutcome::InFlight) => {
+            note.set_outcome(Outcome::RefusedInFlight);
+            Err(ProxyError::DownloadInProgress)
+        }
+        Err(e) => {
+            note.set_outcome(Outcome::Rejected);
+            Err(ProxyError::StoreUnavailable(e.to_string()))
+        }
+    }
+}
+
+/// Claims the key (unless `claimed` already holds it), forwards, then commits or releases.
 async fn download<S, B>(
     policy: Arc<OncePolicy>,
     mut inner: S,
     request: Request<B>,
     key: Arc<str>,
     note: Arc<AccessNote>,
+    claimed: Option<Claim>,
 ) -> Result<Response<ProxyBody>, ProxyError>
 where
     S: Service<Request<B>, Response = Response<ProxyBody>, Error = ProxyError>,
 {
-    let ticket = match policy.ledger.claim(&key, policy.lease).await {
-        Ok(ClaimOutcome::Claimed(ticket)) => ticket,
-        Ok(ClaimOutcome::Served) => {
-            note.set_outcome(Outcome::RefusedServed);
-            return Err(ProxyError::AlreadyDownloaded);
-        }
-        Ok(ClaimOutcome::InFlight) => {
-            note.set_outcome(Outcome::RefusedInFlight);
-            return Err(ProxyError::DownloadInProgress);
-        }
-        Err(e) => {
-            note.set_outcome(Outcome::Rejected);
-            return Err(ProxyError::StoreUnavailable(e.to_string()));
+    let mut claim = match claimed {
+        Some(claim) => claim,
+        None => {
+            let answer = policy.ledger.claim(&key, policy.lease).await;
+            Claim::new(
+                policy.ledger.clone(),
+                claimed_ticket(answer, &note)?,
+                note.clone(),
+            )
         }
     };
-    let mut claim = Claim::new(policy.ledger.clone(), ticket, note.clone());
     let record = RecordDraft {
         key,
         request_id: note.request_id().to_string(),

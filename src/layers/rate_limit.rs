@@ -1,15 +1,15 @@
 //! Rate limits (SPEC §7): every configured limit must pass, before authentication.
 //! Keyed limiters on governor, by client address, token digest, or one global bucket.
 
-use std::future::Future;
+use std::future::Ready;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures_util::future::Either;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 use http::{Request, Response};
@@ -155,7 +155,8 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>;
+    /// The inner future as it is, or the refusal: no box of its own per request.
+    type Future = Either<Ready<Result<Response<ProxyBody>, ProxyError>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -163,11 +164,11 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         if let Err(retry_after) = self.limits.load().check(&request) {
-            return Box::pin(std::future::ready(Err(ProxyError::RateLimited {
+            return Either::Left(std::future::ready(Err(ProxyError::RateLimited {
                 retry_after,
             })));
         }
-        Box::pin(self.inner.call(request))
+        Either::Right(self.inner.call(request))
     }
 }
 

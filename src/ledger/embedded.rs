@@ -184,6 +184,25 @@ impl EmbeddedLedger {
             Err(_) => Err(LedgerError::Unavailable("ledger writer stopped".into())),
         }
     }
+
+    /// Claims need no write: the key's row is read from the file on first use, and the claim
+    /// itself lives in memory until its commit.
+    fn claim_here(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, LedgerError> {
+        let stored = |digest| self.file.served_at(digest);
+        // Fail closed while the file cannot be written (disk full, read-only, I/O error): a
+        // download now could not be recorded. The sweep's probe notices when writes work again.
+        // What is known is still answered: a served key stays refused.
+        if !self.healthy.load(Ordering::Relaxed) {
+            return match self.claims.lookup_or_load(key, stored)? {
+                TableState::Served(_) => Ok(ClaimOutcome::Served),
+                TableState::InFlight => Ok(ClaimOutcome::InFlight),
+                TableState::Unseen => Err(LedgerError::Unavailable(
+                    "the ledger file cannot be written".into(),
+                )),
+            };
+        }
+        self.claims.claim_or_load(key, lease, stored)
+    }
 }
 
 /// Moves records of the earlier layout into the digest-keyed tables, in one transaction.
@@ -312,20 +331,11 @@ fn write_batch<'a>(
 #[async_trait]
 impl Ledger for EmbeddedLedger {
     async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, LedgerError> {
-        let stored = |digest| self.file.served_at(digest);
-        // Fail closed while the file cannot be written (disk full, read-only, I/O error): a
-        // download now could not be recorded. The sweep's probe notices when writes work again.
-        // What is known is still answered: a served key stays refused.
-        if !self.healthy.load(Ordering::Relaxed) {
-            return match self.claims.lookup_or_load(key, stored)? {
-                TableState::Served(_) => Ok(ClaimOutcome::Served),
-                TableState::InFlight => Ok(ClaimOutcome::InFlight),
-                TableState::Unseen => Err(LedgerError::Unavailable(
-                    "the ledger file cannot be written".into(),
-                )),
-            };
-        }
-        self.claims.claim_or_load(key, lease, stored)
+        self.claim_here(key, lease)
+    }
+
+    fn claim_now(&self, key: &str, lease: Duration) -> Option<Result<ClaimOutcome, LedgerError>> {
+        Some(self.claim_here(key, lease))
     }
 
     async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<(), LedgerError> {

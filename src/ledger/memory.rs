@@ -31,6 +31,10 @@ impl Ledger for MemoryLedger {
         Ok(self.claims.claim(key, lease))
     }
 
+    fn claim_now(&self, key: &str, lease: Duration) -> Option<Result<ClaimOutcome, LedgerError>> {
+        Some(Ok(self.claims.claim(key, lease)))
+    }
+
     async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<(), LedgerError> {
         self.claims.renew(ticket, lease)
     }

@@ -109,6 +109,12 @@ pub enum LedgerError {
 pub trait Ledger: Send + Sync + 'static {
     /// Atomically claims `key` for `lease` unless it is served or held by a live claim.
     async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, LedgerError>;
+    /// The same answer as `claim`, given on the spot when the store needs no round trip for it
+    /// (memory, embedded, a Redis replica's served cache); `None` means "call `claim`". Spares a
+    /// refusal the boxed futures of an async call.
+    fn claim_now(&self, _key: &str, _lease: Duration) -> Option<Result<ClaimOutcome, LedgerError>> {
+        None
+    }
     /// Extends a held claim; `LostClaim` when the ticket no longer holds it.
     async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<(), LedgerError>;
     /// Makes the key served, durably, before returning; `LostClaim` when the ticket no longer holds it.

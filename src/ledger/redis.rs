@@ -193,6 +193,10 @@ async fn listen_for_resets(client: Client, channel: String, served: Arc<DigestMa
 
 #[async_trait]
 impl Ledger for RedisLedger {
+    fn claim_now(&self, key: &str, _lease: Duration) -> Option<Result<ClaimOutcome, LedgerError>> {
+        self.cached(key).then_some(Ok(ClaimOutcome::Served))
+    }
+
     async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, LedgerError> {
         if self.cached(key) {
             return Ok(ClaimOutcome::Served);

@@ -39,11 +39,15 @@ impl OpMetrics {
     ) -> Result<T, LedgerError> {
         let started = Instant::now();
         let result = call.await;
+        self.record(started, &result);
+        result
+    }
+
+    fn record<T>(&self, started: Instant, result: &Result<T, LedgerError>) {
         self.seconds.record(started.elapsed().as_secs_f64());
         if result.is_err() {
             self.errors.increment(1);
         }
-        result
     }
 }
 
@@ -67,6 +71,13 @@ impl<L: Ledger> Timed<L> {
 impl<L: Ledger> Ledger for Timed<L> {
     async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, LedgerError> {
         self.claim.time(self.inner.claim(key, lease)).await
+    }
+
+    fn claim_now(&self, key: &str, lease: Duration) -> Option<Result<ClaimOutcome, LedgerError>> {
+        let started = Instant::now();
+        let result = self.inner.claim_now(key, lease)?;
+        self.claim.record(started, &result);
+        Some(result)
     }
 
     async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<(), LedgerError> {
