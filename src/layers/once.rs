@@ -529,3 +529,52 @@ impl OnceBody {
             .sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::memory::MemoryLedger;
+    use crate::ledger::KeyState;
+    use crate::route::RouteTemplate;
+
+    fn archive_request(path: &str) -> Request<()> {
+        let route = RouteTemplate::parse(crate::config::DEFAULT_ROUTE).unwrap();
+        let note = AccessNote::default();
+        note.set_route(route.classify(path, true));
+        Request::builder()
+            .uri(path)
+            .extension(Arc::new(note))
+            .body(())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_claim_whose_future_is_never_polled_is_given_back() {
+        let ledger: Arc<dyn Ledger> = Arc::new(MemoryLedger::new(None));
+        let policy = Arc::new(OncePolicy {
+            ledger: ledger.clone(),
+            commit: CommitMode::Complete,
+            lease: Duration::from_secs(60),
+            trusted_proxies: Vec::new(),
+        });
+        let upstream = tower::service_fn(|_: Request<()>| async {
+            Ok::<_, ProxyError>(Response::new(crate::body::full("zip")))
+        });
+        let mut once = OnceLayer::new(policy).layer(upstream);
+        let unpolled = once.call(archive_request("/v2/p/instances/i/assets/archives/a1"));
+        assert_eq!(ledger.lookup("p/i/a1").await.unwrap(), KeyState::InFlight);
+        drop(unpolled);
+        // The release runs as a task of its own.
+        for _ in 0..100 {
+            if ledger.lookup("p/i/a1").await.unwrap() == KeyState::Unseen {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(ledger.lookup("p/i/a1").await.unwrap(), KeyState::Unseen);
+        let again = once
+            .call(archive_request("/v2/p/instances/i/assets/archives/a1"))
+            .await;
+        assert!(again.is_ok(), "the key can be claimed again");
+    }
+}
