@@ -175,80 +175,72 @@ impl RouteTemplate {
         }
     }
 
-    /// Stage 1: `None` unless the raw path has the template's shape.
+    /// Stage 1: `None` unless the raw path has the template's shape; else its verdict, in one
+    /// pass over the segments. A literal in the wrong case outranks every parameter problem,
+    /// and every `ROMA.1007` problem outranks every `ROMA.13000` one, wherever it is.
     fn classify_route_shaped(&self, path: &str, fold_case: bool) -> Option<RouteMatch> {
         let rest = path.strip_prefix('/')?;
         let mut pieces = rest.split(is_slash);
         let mut literal_case_differs = false;
+        let mut non_canonical = None;
+        let mut bad_parameter = None;
+        let mut key = String::with_capacity(rest.len());
+        let mut first_param_done = false;
         for segment in self.segments.iter() {
             let piece = pieces.next()?;
-            if let Segment::Literal(literal) = segment {
-                if piece != &**literal {
-                    if !piece.eq_ignore_ascii_case(literal) {
-                        return None;
-                    }
-                    literal_case_differs = true;
+            let Segment::Literal(literal) = segment else {
+                // The usual parameter is all parameter bytes: then only its shape and length
+                // can be wrong, and the byte-by-byte reasons are looked for only when it is not.
+                let plain = piece
+                    .bytes()
+                    .fold(true, |plain, b| plain & is_param_byte(b));
+                if non_canonical.is_none() {
+                    non_canonical = if plain {
+                        dot_or_empty_problem(piece)
+                    } else {
+                        non_canonical_problem(piece)
+                    };
                 }
+                if bad_parameter.is_none() && !(plain && piece.len() <= MAX_PARAM_LEN) {
+                    bad_parameter = bad_parameter_problem(piece);
+                }
+                if first_param_done {
+                    key.push('/');
+                }
+                first_param_done = true;
+                let start = key.len();
+                key.push_str(piece);
+                if fold_case {
+                    key[start..].make_ascii_lowercase();
+                }
+                continue;
+            };
+            if piece != &**literal {
+                if !piece.eq_ignore_ascii_case(literal) {
+                    return None;
+                }
+                literal_case_differs = true;
             }
         }
         if pieces.next().is_some() {
             return None;
         }
-        if literal_case_differs {
-            return Some(RouteMatch::Reject(PathRejection::non_canonical(
-                reason::LITERAL_CASE,
-            )));
-        }
-        Some(self.judge_params(rest, fold_case))
-    }
-
-    /// Checks the parameters of a route-shaped path and builds its key.
-    /// Every `ROMA.1007` problem outranks every `ROMA.13000` one, wherever it is.
-    fn judge_params(&self, rest: &str, fold_case: bool) -> RouteMatch {
-        let mut bad_parameter = None;
-        let mut key = String::with_capacity(rest.len());
-        let params = self
-            .segments
-            .iter()
-            .zip(rest.split(is_slash))
-            .filter(|(segment, _)| matches!(segment, Segment::Param))
-            .map(|(_, piece)| piece);
-        for (index, param) in params.enumerate() {
-            // The usual parameter is all parameter bytes: then only its shape and length can be
-            // wrong, and the byte-by-byte reasons are looked for only when it is not.
-            let plain = param
-                .bytes()
-                .fold(true, |plain, b| plain & is_param_byte(b));
-            let shape_problem = if plain {
-                dot_or_empty_problem(param)
-            } else {
-                non_canonical_problem(param)
-            };
-            if let Some(problem) = shape_problem {
-                return RouteMatch::Reject(PathRejection::non_canonical(problem));
-            }
-            if bad_parameter.is_none() && !(plain && param.len() <= MAX_PARAM_LEN) {
-                bad_parameter = bad_parameter_problem(param);
-            }
-            if index > 0 {
-                key.push('/');
-            }
-            let start = key.len();
-            key.push_str(param);
-            if fold_case {
-                key[start..].make_ascii_lowercase();
-            }
-        }
-        match bad_parameter {
-            Some(problem) => RouteMatch::Reject(PathRejection {
+        let verdict = if literal_case_differs {
+            RouteMatch::Reject(PathRejection::non_canonical(reason::LITERAL_CASE))
+        } else if let Some(problem) = non_canonical {
+            RouteMatch::Reject(PathRejection::non_canonical(problem))
+        } else if let Some(problem) = bad_parameter {
+            RouteMatch::Reject(PathRejection {
                 kind: RejectKind::BadParameter,
                 reason: problem,
-            }),
-            None => RouteMatch::Archive(ArchiveKey {
+            })
+        } else {
+            RouteMatch::Archive(ArchiveKey {
                 key: key.into(),
                 param_names: Arc::clone(&self.param_names),
-            }),
-        }
+            })
+        };
+        Some(verdict)
     }
 
     /// Stage 2: breadth-first search over the readings a permissive upstream could make.

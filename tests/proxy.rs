@@ -69,7 +69,9 @@ async fn first_download_is_served_and_the_second_refused() {
                 first.headers["x-request-id"].to_str().unwrap()
             );
             assert_eq!(record.client, "127.0.0.1");
-            assert_eq!(record.token_sha256_prefix.len(), 16);
+            use sha2::Digest;
+            let digest = hex::encode(sha2::Sha256::digest(TOKEN.as_bytes()));
+            assert_eq!(record.token_sha256_prefix, digest[..16]);
         }
         other => panic!("{other:?}"),
     }

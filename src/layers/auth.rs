@@ -23,8 +23,8 @@ use crate::route::{v2_project_segment, RouteMatch};
 pub const X_AUTH_TOKEN: HeaderName = HeaderName::from_static("x-auth-token");
 const MAX_TOKEN_LEN: usize = 100_000;
 
-/// SHA-256 of the request's token, put into the request's extensions once it is accepted:
-/// the ledger records a prefix of it, never the token.
+/// SHA-256 of the request's token, put into the request's extensions when authentication made
+/// it: the ledger records a prefix of it, never the token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenDigest(pub [u8; 32]);
 
@@ -110,13 +110,15 @@ impl Authenticator {
         matches!(self.mode, Mode::Iam(_))
     }
 
-    /// Checks the request's token without calling out; on success returns its digest.
-    pub fn check<B>(&self, request: &Request<B>) -> Result<TokenDigest, ProxyError> {
+    /// Checks the request's token without calling out; on success returns its digest when the
+    /// check needed one. `presence` does not hash: most of its requests never need the digest
+    /// (a refusal), and the once layer hashes the token itself for a served record.
+    pub fn check<B>(&self, request: &Request<B>) -> Result<Option<TokenDigest>, ProxyError> {
         let token = presented_token(request.headers())?;
-        let digest = TokenDigest(Sha256::digest(token).into());
         match &self.mode {
-            Mode::Presence => Ok(digest),
+            Mode::Presence => Ok(None),
             Mode::Static(tokens) => {
+                let digest = TokenDigest(Sha256::digest(token).into());
                 let projects = tokens
                     .get(&digest.0)
                     .ok_or(ProxyError::BadToken("is not recognised"))?;
@@ -125,7 +127,7 @@ impl Authenticator {
                         allowed.iter().any(|name| self.same_project(name, project))
                     })?;
                 }
-                Ok(digest)
+                Ok(Some(digest))
             }
             Mode::Iam(_) => Err(ProxyError::Internal),
         }
@@ -135,8 +137,9 @@ impl Authenticator {
     /// with the token's digest (and, after IAM, its identity).
     pub async fn authenticate<B>(&self, request: &mut Request<B>) -> Result<(), ProxyError> {
         let Mode::Iam(iam) = &self.mode else {
-            let digest = self.check(request)?;
-            request.extensions_mut().insert(digest);
+            if let Some(digest) = self.check(request)? {
+                request.extensions_mut().insert(digest);
+            }
             return Ok(());
         };
         let token = presented_token(request.headers())?;
@@ -265,7 +268,9 @@ where
         }
         match authenticator.check(&request) {
             Ok(digest) => {
-                request.extensions_mut().insert(digest);
+                if let Some(digest) = digest {
+                    request.extensions_mut().insert(digest);
+                }
                 Either::Right(Either::Left(self.inner.call(request)))
             }
             Err(error) => Either::Left(std::future::ready(Err(error))),

@@ -17,7 +17,7 @@ use http_body_util::BodyExt;
 use tower::{Layer, Service};
 
 use super::access_log::{AccessNote, Outcome};
-use super::auth::TokenDigest;
+use super::auth::{token_digest, TokenDigest};
 use crate::body::{BoxError, ProxyBody};
 use crate::config::CommitMode;
 use crate::error::{set_no_store, ProxyError};
@@ -198,7 +198,9 @@ where
         token_sha256_prefix: request
             .extensions()
             .get::<TokenDigest>()
-            .map(TokenDigest::prefix)
+            .copied()
+            .or_else(|| token_digest(request.headers()).map(TokenDigest))
+            .map(|digest| digest.prefix())
             .unwrap_or_default(),
         user_id: request
             .extensions()
