@@ -10,6 +10,7 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
+source "$root/scripts/bench-config.sh"
 harness=${BENCH_HARNESS:-$root/../shared/bench/run.sh}
 [[ -f $harness ]] || { echo "bench.sh: no harness at $harness (set BENCH_HARNESS)" >&2; exit 2; }
 work=${BENCH_WORK:-/tmp/oncegate-bench}
@@ -38,20 +39,7 @@ url = \"redis://127.0.0.1:$redis_port\"
 key_prefix = \"bench$(date +%s):\"" ;;
     *) echo "bench.sh: unknown target $target (mem emb redis)" >&2; exit 2 ;;
   esac
-  cat >"$work/$target.toml" <<TOML
-[server]
-listen = "127.0.0.1:$port"
-[upstream]
-url = "http://127.0.0.1:18080"
-[auth]
-mode = "presence"
-[store]
-$store
-[log]
-level = "warn"
-[admin]
-listen = "127.0.0.1:$((port + 1000))"
-TOML
+  bench_config "$work/$target.toml" "$port" "$store"
   args+=("og_$target=http://127.0.0.1:$port"
          --start "og_$target=env TOKIO_WORKER_THREADS=\$BENCH_THREADS $work/oncegate run --config $work/$target.toml")
   port=$((port + 2))

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Per-request cost of the proxy on the pinned loopback setup (docs/BENCHMARKS.md, "Where the CPU
+# goes"). Needs the harness's servers (upstream on :18080, nginx :18081, haproxy :18082):
+#   bash ../shared/bench/servers.sh start pinned
+#
+#   scripts/profile.sh instructions <unique|repeat>
+#       user-space instructions per request of target/release/oncegate (memory ledger) under
+#       valgrind's callgrind, counted over a 5 s wrk run after a 2 s warm-up; deterministic to
+#       about 0.1 %, unlike times on this VM. callgrind emulates no SHA extensions, so each
+#       SHA-256 digest costs ~3.4k instructions here against ~100 ns natively.
+#   scripts/profile.sh cpu <pid> <port> <unique|repeat>
+#       user and kernel µs per request of any running proxy process (from /proc/<pid>/stat)
+#       over a 6 s wrk run, wrk on CPU 0.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/bench-config.sh
+harness=${BENCH_HARNESS_DIR:-$(cd .. && pwd)/shared/bench}
+lua=$harness/lua/bench.lua
+token=bench-token
+
+# Prints the archive URL for the workload on the given port (a served one for "repeat").
+archive_url() {
+  local port=$1 kind=$2
+  local url=http://127.0.0.1:$port/v2/p/instances/i/assets/archives/
+  if [[ $kind == repeat ]]; then
+    url=${url}served-$RANDOM$RANDOM
+    curl -s -o /dev/null -H "X-Auth-Token: $token" "$url"
+  fi
+  echo "$url"
+}
+
+# wrk's request count: load <seconds> <url> <kind>.
+load() {
+  local seconds=$1 url=$2 kind=$3 mode=unique
+  [[ $kind == repeat ]] && mode=fixed
+  taskset -c 0 wrk -t1 -c64 -d"${seconds}s" -H "X-Auth-Token: $token" -s "$lua" "$url" \
+    -- "p$RANDOM" "$mode" | grep -o 'requests=[0-9]*' | cut -d= -f2
+}
+
+case ${1:-} in
+  instructions)
+    kind=${2:?unique or repeat}
+    dir=$(mktemp -d)
+    trap 'rm -rf "$dir"' EXIT
+    port=18099
+    bench_config "$dir/oncegate.toml" "$port" 'kind = "memory"'
+    TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$dir/cg.out" \
+      target/release/oncegate run --config "$dir/oncegate.toml" 2>/dev/null &
+    pid=$!
+    for _ in $(seq 100); do
+      curl -s -o /dev/null "http://127.0.0.1:$port/" && break
+      sleep 0.3
+    done
+    url=$(archive_url "$port" "$kind")
+    load 2 "$url" "$kind" >/dev/null
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    requests=$(load 5 "$url" "$kind")
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    kill "$pid"
+    wait "$pid" 2>/dev/null || true
+    dump=$(ls -t "$dir"/cg.out.* | head -1)
+    instructions=$(grep -m1 '^summary:' "$dump" | awk '{print $2}')
+    echo "$kind: $requests requests, $((instructions / requests)) instructions per request"
+    ;;
+  cpu)
+    pid=${2:?pid} port=${3:?port} kind=${4:?unique or repeat}
+    url=$(archive_url "$port" "$kind")
+    read -r user0 sys0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
+    requests=$(load 6 "$url" "$kind")
+    read -r user1 sys1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
+    ticks=$(getconf CLK_TCK)
+    awk -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v n="$requests" -v t="$ticks" \
+      -v kind="$kind" 'BEGIN {
+        printf "%s: %d req/s, user %.1f µs, kernel %.1f µs per request\n",
+          kind, n / 6, u * 1e6 / t / n, s * 1e6 / t / n }'
+    ;;
+  *)
+    sed -n '2,15p' "$0"
+    exit 2
+    ;;
+esac
