@@ -73,6 +73,9 @@ struct Shared<B> {
     idle: Mutex<VecDeque<Idle<B>>>,
 }
 
+/// The new connection and its response, after a retry.
+type RetryResult<B> = Result<(http1::SendRequest<B>, Response<Incoming>), PoolError>;
+
 pub struct Pool<B> {
     shared: Arc<Shared<B>>,
 }
@@ -134,10 +137,11 @@ where
     /// Sends `request` (its path and query; the origin is the pool's) on an idle connection or
     /// a new one. A reused connection that turns out closed before the request was written is
     /// replaced by a new one once; nothing is ever sent twice.
-    pub async fn request(
+    pub fn request(
         &self,
         mut request: Request<B>,
-    ) -> Result<Response<PooledBody<B>>, PoolError> {
+    ) -> impl Future<Output = Result<Response<PooledBody<B>>, PoolError>> + Send + '_ {
+        // Prepared before the first await, so the future keeps one copy of the request.
         let path = request
             .uri()
             .path_and_query()
@@ -148,24 +152,53 @@ where
             .headers_mut()
             .entry(header::HOST)
             .or_insert_with(|| self.shared.host.clone());
-        let (mut sender, reused) = match self.checkout().await {
-            Some(sender) => (sender, true),
-            None => (self.connect().await?, false),
-        };
-        let response = match sender.try_send_request(request).await {
-            Ok(response) => response,
-            Err(mut failed) => match failed.take_message() {
-                Some(request) if reused => {
-                    sender = self.connect().await?;
-                    sender.send_request(request).await?
+        self.send(request)
+    }
+
+    /// An `async` block rather than an `async fn`: an async fn keeps a second slot for each
+    /// argument, and the request is the largest part of this future.
+    #[allow(clippy::manual_async_fn)]
+    fn send(
+        &self,
+        request: Request<B>,
+    ) -> impl Future<Output = Result<Response<PooledBody<B>>, PoolError>> + Send + '_ {
+        async move {
+            let (mut sender, reused) = match self.checkout().await {
+                Some(sender) => (sender, true),
+                None => (self.connect().await?, false),
+            };
+            let response = match sender.try_send_request(request).await {
+                Ok(response) => response,
+                Err(failed) => {
+                    let (retried, response) = self.retry(failed, reused).await?;
+                    sender = retried;
+                    response
                 }
-                _ => return Err(failed.into_error().into()),
-            },
-        };
-        Ok(response.map(|body| PooledBody {
-            body,
-            lease: Some((sender, self.shared.clone())),
-        }))
+            };
+            Ok(response.map(|body| PooledBody {
+                body,
+                lease: Some((sender, self.shared.clone())),
+            }))
+        }
+    }
+
+    /// A request a reused connection never sent goes out once more on a new connection. Boxed:
+    /// taken rarely, and inline it would make every request's future as large.
+    fn retry(
+        &self,
+        mut failed: hyper::client::conn::TrySendError<Request<B>>,
+        reused: bool,
+    ) -> Pin<Box<dyn Future<Output = RetryResult<B>> + Send + '_>> {
+        Box::pin(async move {
+            match failed.take_message() {
+                Some(request) if reused => {
+                    let mut sender = self.connect().await?;
+                    let response = sender.send_request(request).await?;
+                    Ok((sender, response))
+                }
+                _ => Err(failed.into_error().into()),
+            }
+        })
     }
 
     /// The newest idle connection that is still open and ready for a request.

@@ -1,6 +1,7 @@
 //! The forwarder: a pooled HTTP/1.1 client to the upstream, header hygiene of RFC 9110 §7.6.1,
 //! and the mapping of upstream failures to 502 / 504.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,10 +68,45 @@ impl Upstream {
 
     /// Sends the request upstream and returns its response with a streamed body. Errors before
     /// the response headers become 502 (unreachable, broken) or 504 (no answer in time).
-    pub async fn forward(
+    pub fn forward(
         &self,
         request: Request<Incoming>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'static {
+        // Prepared before the first await, so the future keeps one copy of the request.
+        let prepared = self.prepare(request);
+        let inner = self.inner.clone();
+        async move {
+            let request = prepared?;
+            let started = Instant::now();
+            let sent = inner.client.request(request);
+            let result = tokio::time::timeout(inner.response_timeout, sent).await;
+            inner
+                .response_seconds
+                .record(started.elapsed().as_secs_f64());
+            let response = match result {
+                Err(_) => return Err(ProxyError::UpstreamTimeout),
+                Ok(Err(e)) if is_body_limit(&e) => {
+                    return Err(ProxyError::PayloadTooLarge(inner.max_request_body))
+                }
+                Ok(Err(e)) => return Err(ProxyError::UpstreamUnreachable(describe(&e))),
+                Ok(Ok(response)) => response,
+            };
+            let (mut parts, body) = response.into_parts();
+            remove_hop_by_hop(&mut parts.headers);
+            // The client gets this request's id (set at the edge), never the upstream's.
+            parts.headers.remove(X_REQUEST_ID);
+            // A body that stops flowing for this long counts as a dead upstream (the header
+            // timeout is for the headers only: a slow archive may pause).
+            let body = TimeoutBody::new(inner.body_idle_timeout, body)
+                .map_err(Into::into)
+                .boxed_unsync();
+            Ok(Response::from_parts(parts, body))
+        }
+    }
+
+    /// The request as it goes upstream: body cut at `server.max_request_body`, origin-form
+    /// target, hop-by-hop headers out, `Host` and `X-Forwarded-*` set.
+    fn prepare(&self, request: Request<Incoming>) -> Result<Request<RequestBody>, ProxyError> {
         let inner = &self.inner;
         let conn = request.extensions().get::<ConnInfo>().copied();
         let limit = inner.max_request_body;
@@ -104,29 +140,7 @@ impl Upstream {
                 .headers
                 .insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         }
-
-        let started = Instant::now();
-        let sent = inner.client.request(Request::from_parts(parts, body));
-        let result = tokio::time::timeout(inner.response_timeout, sent).await;
-        inner
-            .response_seconds
-            .record(started.elapsed().as_secs_f64());
-        let response = match result {
-            Err(_) => return Err(ProxyError::UpstreamTimeout),
-            Ok(Err(e)) if is_body_limit(&e) => return Err(ProxyError::PayloadTooLarge(limit)),
-            Ok(Err(e)) => return Err(ProxyError::UpstreamUnreachable(describe(&e))),
-            Ok(Ok(response)) => response,
-        };
-        let (mut parts, body) = response.into_parts();
-        remove_hop_by_hop(&mut parts.headers);
-        // The client gets this request's id (set by the request-id layer), never the upstream's.
-        parts.headers.remove(X_REQUEST_ID);
-        // A body that stops flowing for this long counts as a dead upstream (the header timeout
-        // is for the headers only: a slow archive may pause).
-        let body = TimeoutBody::new(inner.body_idle_timeout, body)
-            .map_err(Into::into)
-            .boxed_unsync();
-        Ok(Response::from_parts(parts, body))
+        Ok(Request::from_parts(parts, body))
     }
 
     /// The request target upstream: origin-form, the path behind `upstream.path_prefix`.
@@ -160,8 +174,7 @@ impl tower::Service<Request<Incoming>> for Upstream {
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let upstream = self.clone();
-        Box::pin(async move { upstream.forward(request).await })
+        Box::pin(self.forward(request))
     }
 }
 
