@@ -140,16 +140,17 @@ mod tests {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
-    async fn answer<S>(service: S) -> (http::StatusCode, String, serde_json::Value)
+    /// The edge's answer (status, `X-Request-Id`, JSON body) to `request`, given `service`.
+    async fn answer<S>(
+        trust_incoming_id: bool,
+        request: Request<()>,
+        service: S,
+    ) -> (http::StatusCode, String, serde_json::Value)
     where
         S: Service<Request<()>, Response = Response<ProxyBody>, Error = ProxyError>,
         S::Future: Send + 'static,
     {
-        let request = Request::builder()
-            .header(X_REQUEST_ID, "panic-1")
-            .body(())
-            .unwrap();
-        let response = EdgeLayer::new(true)
+        let response = EdgeLayer::new(trust_incoming_id)
             .layer(service)
             .oneshot(request)
             .await
@@ -163,6 +164,13 @@ mod tests {
         (status, id, serde_json::from_slice(&body).unwrap())
     }
 
+    fn with_id() -> Request<()> {
+        Request::builder()
+            .header(X_REQUEST_ID, "panic-1")
+            .body(())
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn panics_become_a_500_with_the_request_id() {
         let in_future = tower::service_fn(|_: Request<()>| async {
@@ -171,7 +179,7 @@ mod tests {
             }
             Ok::<Response<ProxyBody>, ProxyError>(Response::new(crate::body::full("")))
         });
-        let (status, id, body) = answer(in_future).await;
+        let (status, id, body) = answer(true, with_id(), in_future).await;
         assert_eq!(status, http::StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(body["error_code"], "APIC.0000");
         assert_eq!(body["request_id"], "panic-1");
@@ -182,7 +190,7 @@ mod tests {
                 panic!("bug before the future")
             },
         );
-        let (status, _, body) = answer(in_call).await;
+        let (status, _, body) = answer(true, with_id(), in_call).await;
         assert_eq!(status, http::StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(body["request_id"], "panic-1");
     }
@@ -198,19 +206,9 @@ mod tests {
             .header(X_AUTH_TOKEN, "secret")
             .body(())
             .unwrap();
-        let response = EdgeLayer::new(false)
-            .layer(refuse)
-            .oneshot(request)
-            .await
-            .unwrap();
-        assert_eq!(response.status(), http::StatusCode::FORBIDDEN);
-        let id = response.headers()[X_REQUEST_ID]
-            .to_str()
-            .unwrap()
-            .to_string();
+        let (status, id, body) = answer(false, request, refuse).await;
+        assert_eq!(status, http::StatusCode::FORBIDDEN);
         assert_eq!(id.len(), 32);
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["error_code"], "ROMA.00000101");
         assert_eq!(body["request_id"], id.as_str());
     }
