@@ -64,6 +64,43 @@ async fn upstream_failures_at_any_stage_release_the_claim() {
 }
 
 #[tokio::test]
+async fn a_small_archive_is_read_whole_and_a_broken_one_gets_a_clean_error() {
+    let upstream = Upstream::start().await;
+    let mut config = config_for(&upstream.url(), "");
+    config.upstream.body_idle_timeout = Duration::from_millis(250);
+    let proxy = oncegate::start(config).await.unwrap();
+
+    // Three chunks joined in order, then recorded with their length.
+    let whole = get(proxy.addr, &archive("tiny-whole-1"), &[]).await;
+    assert_eq!(whole.status, StatusCode::OK);
+    let expected: Vec<u8> = (0..3).flat_map(|i| tiny_chunk(i).to_vec()).collect();
+    assert_eq!(whole.body.as_ref(), expected.as_slice());
+    match proxy.ledger.lookup("proj/inst/tiny-whole-1").await.unwrap() {
+        KeyState::Served(record) => assert_eq!(record.bytes, 3 * TINY_CHUNK as u64),
+        other => panic!("not served: {other:?}"),
+    }
+
+    // Nothing went out before the body was whole, so a broken one is a ROMA error, not a
+    // truncated 200, and the key comes free for the next try.
+    for (id, status, code) in [
+        ("tiny-reset-1", StatusCode::BAD_GATEWAY, "APIC.0202"),
+        ("tiny-short-1", StatusCode::BAD_GATEWAY, "APIC.0202"),
+        ("tiny-stall-1", StatusCode::GATEWAY_TIMEOUT, "APIC.0203"),
+    ] {
+        let reply = get(proxy.addr, &archive(id), &[]).await;
+        assert_eq!(reply.status, status, "{id}: {:?}", reply.body);
+        assert_eq!(reply.error_code(), code, "{id}");
+        assert_released(proxy.ledger.as_ref(), &format!("proj/inst/{id}")).await;
+    }
+    assert_eq!(
+        get(proxy.addr, &archive("tiny-stall-1"), &[]).await.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "a released key is tried again"
+    );
+    assert_eq!(upstream.hits("tiny-stall-1").len(), 2);
+}
+
+#[tokio::test]
 async fn a_body_that_pauses_longer_than_body_idle_timeout_is_cut_and_released() {
     let upstream = Upstream::start().await;
     let mut config = config_for(&upstream.url(), "");

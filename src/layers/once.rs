@@ -223,6 +223,18 @@ where
             claim.commit(record).await?;
             Ok(response)
         }
+        // A small archive is read whole and recorded before anything goes out, so the client
+        // gets headers and body in one write instead of the headers and, after the commit, the
+        // held-back body. The promise is the same: no byte of it leaves before the record is
+        // durable (stricter than holding back only the final chunk).
+        CommitMode::Complete if expected.is_some_and(|length| length <= WHOLE_BODY_LIMIT) => {
+            let (parts, body) = response.into_parts();
+            // Answered with a 502 or 504, so noted as the upstream's failure.
+            claim.release_outcome = Outcome::UpstreamError;
+            let bytes = read_whole(body, expected.unwrap_or(0)).await?;
+            claim.commit(record.finish(bytes.len() as u64)).await?;
+            Ok(Response::from_parts(parts, crate::body::full(bytes)))
+        }
         CommitMode::Complete => Ok(response.map(|body| {
             OnceBody {
                 inner: body,
@@ -241,6 +253,53 @@ where
             .boxed_unsync()
         })),
     }
+}
+
+/// Archives up to this size (by their Content-Length) are read whole before they are answered.
+const WHOLE_BODY_LIMIT: u64 = 64 * 1024;
+
+/// The whole upstream body, which must be exactly `expected` bytes long. A body that breaks,
+/// stalls past `upstream.body_idle_timeout` or has the wrong length is the upstream's failure
+/// (502, or 504 for the stall), and the caller's claim is given back.
+async fn read_whole(mut body: ProxyBody, expected: u64) -> Result<Bytes, ProxyError> {
+    let mut first: Option<Bytes> = None;
+    let mut joined: Vec<u8> = Vec::new();
+    let mut length = 0u64;
+    // The last byte ends the read: waiting for the stream's end would cost another wake-up.
+    while length < expected {
+        let Some(frame) = body.frame().await else {
+            return Err(ProxyError::UpstreamUnreachable(
+                "upstream body shorter than its Content-Length".into(),
+            ));
+        };
+        let frame = frame.map_err(|e| {
+            if e.is::<tower_http::timeout::TimeoutError>() {
+                ProxyError::UpstreamTimeout
+            } else {
+                ProxyError::UpstreamUnreachable(format!("archive body broke off: {e}"))
+            }
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        length += data.len() as u64;
+        if length > expected {
+            return Err(ProxyError::UpstreamUnreachable(
+                "upstream body longer than its Content-Length".into(),
+            ));
+        }
+        // One chunk (the usual case) is passed on without a copy.
+        if first.is_none() && joined.is_empty() {
+            first = Some(data);
+            continue;
+        }
+        if let Some(first) = first.take() {
+            joined.reserve(expected as usize);
+            joined.extend_from_slice(&first);
+        }
+        joined.extend_from_slice(&data);
+    }
+    Ok(first.unwrap_or_else(|| Bytes::from(joined)))
 }
 
 fn content_length(response: &Response<ProxyBody>) -> Option<u64> {

@@ -138,6 +138,13 @@ pub fn big_chunk(index: usize) -> Bytes {
     Bytes::from(vec![byte; 64 * 1024])
 }
 
+pub const TINY_CHUNK: usize = 1000;
+
+/// The n-th chunk of a `tiny-*` archive: each chunk differs, so a bad join is detected.
+pub fn tiny_chunk(index: usize) -> Bytes {
+    Bytes::from(vec![b'a' + index as u8; TINY_CHUNK])
+}
+
 type UpstreamBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
 async fn upstream_handle(
@@ -207,6 +214,32 @@ async fn upstream_handle(
             });
             Response::builder()
                 .header("content-length", (16 * 64 * 1024).to_string())
+                .body(StreamBody::new(stream).boxed())
+                .unwrap()
+        }
+        // A small archive (3 × 1,000 bytes, paced) that is read whole before it is answered:
+        // `tiny-whole` arrives intact, `tiny-reset` breaks and `tiny-short` ends after the first
+        // chunk, `tiny-stall` pauses 700 ms after it.
+        "tiny" => {
+            let behaviour = parts.get(1).copied().unwrap_or("whole").to_string();
+            let stream = futures_util::stream::unfold(0usize, move |i| {
+                let behaviour = behaviour.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    match (behaviour.as_str(), i) {
+                        (_, 3) | ("short", 1) => None,
+                        ("reset", 1) => Some((Err::<Frame<Bytes>, BoxError>("upstream reset".into()), 9)),
+                        (_, 9) => None,
+                        ("stall", 1) => {
+                            tokio::time::sleep(Duration::from_millis(700)).await;
+                            Some((Ok(Frame::data(tiny_chunk(i))), i + 1))
+                        }
+                        _ => Some((Ok(Frame::data(tiny_chunk(i))), i + 1)),
+                    }
+                }
+            });
+            Response::builder()
+                .header("content-length", (3 * TINY_CHUNK).to_string())
                 .body(StreamBody::new(stream).boxed())
                 .unwrap()
         }
