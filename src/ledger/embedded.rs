@@ -15,14 +15,24 @@ use super::{
     ServedAt, ServedRecord, TableState, Ticket,
 };
 
-/// key: the archive key's digest; value: the record as JSON (it names its key; easy to extend).
-const RECORDS: TableDefinition<u128, &[u8]> = TableDefinition::new("records");
+/// key: the archive key's digest; value: the time it was served (milliseconds since the epoch,
+/// 8 bytes little-endian), then the record as JSON (it names its key; easy to extend). One row
+/// per record, so a commit touches one leaf; the time comes first so claims and sweeps read it
+/// without parsing the record.
+const SERVED: TableDefinition<u128, &[u8]> = TableDefinition::new("served_records");
 
-/// The same keys with only the time each was served: what a claim reads (24 bytes a row).
-const SERVED_AT: TableDefinition<u128, u64> = TableDefinition::new("served_at");
+/// The second layout: the same keys in two tables, the JSON in `records` and the time in
+/// `served_at` (twice the pages written per commit). Moved into `SERVED` on open.
+const RECORDS_V2: TableDefinition<u128, &[u8]> = TableDefinition::new("records");
+const SERVED_AT_V2: TableDefinition<u128, u64> = TableDefinition::new("served_at");
 
-/// The layout before digests (archive key → JSON); moved into the two tables above on open.
+/// The first layout (archive key → JSON); moved into `SERVED` on open.
 const LEGACY_SERVED: TableDefinition<&str, &[u8]> = TableDefinition::new("served");
+
+/// Rows moved per transaction when an earlier layout is converted, so a file of millions of
+/// records is converted without holding them all in one transaction (a few in unit tests, so
+/// they take several steps).
+const MIGRATE_ROWS: usize = if cfg!(test) { 2 } else { 100_000 };
 
 /// One small row rewritten to find out whether the disk takes writes again after a failure.
 const PROBE: TableDefinition<&str, u64> = TableDefinition::new("probe");
@@ -124,13 +134,31 @@ impl LedgerFile {
 
     /// When the key was served, if the file has a record of it.
     fn served_at(&self, digest: KeyDigest) -> Result<Option<ServedAt>, LedgerError> {
-        self.get(SERVED_AT, digest, ServedAt)
+        self.get(SERVED, digest, |row| ServedAt(row_time(row)))
     }
 
     /// The stored JSON of a record.
     fn record(&self, digest: KeyDigest) -> Result<Option<Vec<u8>>, LedgerError> {
-        self.get(RECORDS, digest, <[u8]>::to_vec)
+        self.get(SERVED, digest, |row| {
+            row.get(8..).unwrap_or_default().to_vec()
+        })
     }
+}
+
+/// A `SERVED` row: the time, then the JSON.
+fn served_row(served_at_ms: u64, json: &[u8]) -> Vec<u8> {
+    let mut row = Vec::with_capacity(8 + json.len());
+    row.extend_from_slice(&served_at_ms.to_le_bytes());
+    row.extend_from_slice(json);
+    row
+}
+
+/// The time of a `SERVED` row. A row too short to hold one (never written so) still means
+/// served: it counts as served now, so the archive is refused rather than served again.
+fn row_time(row: &[u8]) -> u64 {
+    row.get(..8)
+        .and_then(|time| <[u8; 8]>::try_from(time).ok())
+        .map_or_else(super::now_ms, u64::from_le_bytes)
 }
 
 pub struct EmbeddedLedger {
@@ -152,7 +180,7 @@ impl EmbeddedLedger {
             std::fs::create_dir_all(parent).map_err(|e| unavailable(&e))?;
         }
         let db = LedgerFile::open(path).map_err(|e| unavailable(&e))?;
-        migrate_legacy(&db).map_err(|e| unavailable(&e))?;
+        migrate(&db).map_err(|e| unavailable(&e))?;
         let file = Arc::new(LedgerFile {
             path: path.to_path_buf(),
             db: RwLock::new(Some(Arc::new(db))),
@@ -205,32 +233,106 @@ impl EmbeddedLedger {
     }
 }
 
-/// Moves records of the earlier layout into the digest-keyed tables, in one transaction.
-fn migrate_legacy(db: &Database) -> Result<(), redb::Error> {
-    match db.begin_read()?.open_table(LEGACY_SERVED) {
-        Ok(_) => {}
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
-        Err(e) => return Err(e.into()),
+fn table_exists<K: redb::Key + 'static, V: redb::Value + 'static>(
+    db: &Database,
+    table: TableDefinition<K, V>,
+) -> Result<bool, redb::Error> {
+    match db.begin_read()?.open_table(table) {
+        Ok(_) => Ok(true),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+        Err(e) => Err(e.into()),
     }
-    let mut txn = db.begin_write()?;
-    txn.set_quick_repair(true);
-    {
-        let legacy = txn.open_table(LEGACY_SERVED)?;
-        let mut records = txn.open_table(RECORDS)?;
-        let mut served_at = txn.open_table(SERVED_AT)?;
-        let now = super::now_ms();
-        for entry in legacy.iter()? {
-            let (key, value) = entry?;
-            let digest = KeyDigest::of(key.value()).as_u128();
-            let time = serde_json::from_slice::<ServedRecord>(value.value())
-                .map_or(now, |record| record.served_at_ms);
-            records.insert(digest, value.value())?;
-            served_at.insert(digest, time)?;
+}
+
+/// Moves the records of earlier layouts into `SERVED`, `MIGRATE_ROWS` per transaction: a crash
+/// half-way leaves every record in one of the tables, and the next open goes on from there.
+fn migrate(db: &Database) -> Result<(), redb::Error> {
+    if table_exists(db, LEGACY_SERVED)? {
+        tracing::info!("moving the ledger's records to the current layout");
+        migrate_legacy(db)?;
+    }
+    if table_exists(db, RECORDS_V2)? || table_exists(db, SERVED_AT_V2)? {
+        tracing::info!("moving the ledger's records to the current layout");
+        while migrate_two_tables(db)? > 0 {}
+    }
+    Ok(())
+}
+
+/// One step of the first layout's move; the table is dropped when it is empty.
+fn migrate_legacy(db: &Database) -> Result<(), redb::Error> {
+    loop {
+        let mut txn = db.begin_write()?;
+        txn.set_quick_repair(true);
+        let moved = {
+            let mut legacy = txn.open_table(LEGACY_SERVED)?;
+            let mut served = txn.open_table(SERVED)?;
+            let now = super::now_ms();
+            let mut keys = Vec::new();
+            for entry in legacy.iter()?.take(MIGRATE_ROWS) {
+                let (key, value) = entry?;
+                let time = serde_json::from_slice::<ServedRecord>(value.value())
+                    .map_or(now, |record| record.served_at_ms);
+                let digest = KeyDigest::of(key.value()).as_u128();
+                served.insert(digest, served_row(time, value.value()).as_slice())?;
+                keys.push(key.value().to_string());
+            }
+            for key in &keys {
+                legacy.remove(key.as_str())?;
+            }
+            keys.len()
+        };
+        if moved == 0 {
+            txn.delete_table(LEGACY_SERVED)?;
+        }
+        txn.commit()?;
+        if moved == 0 {
+            return Ok(());
         }
     }
-    txn.delete_table(LEGACY_SERVED)?;
+}
+
+/// One step of the second layout's move: up to `MIGRATE_ROWS` records, or, when none are
+/// left, the times without a record (kept as served) and the two tables. The rows moved.
+fn migrate_two_tables(db: &Database) -> Result<usize, redb::Error> {
+    let mut txn = db.begin_write()?;
+    txn.set_quick_repair(true);
+    let moved = {
+        let mut records = txn.open_table(RECORDS_V2)?;
+        let mut times = txn.open_table(SERVED_AT_V2)?;
+        let mut served = txn.open_table(SERVED)?;
+        let now = super::now_ms();
+        let mut digests = Vec::new();
+        for entry in records.iter()?.take(MIGRATE_ROWS) {
+            let (digest, json) = entry?;
+            let digest = digest.value();
+            let time = match times.get(digest)? {
+                Some(time) => time.value(),
+                None => serde_json::from_slice::<ServedRecord>(json.value())
+                    .map_or(now, |record| record.served_at_ms),
+            };
+            served.insert(digest, served_row(time, json.value()).as_slice())?;
+            digests.push(digest);
+        }
+        if digests.is_empty() {
+            // Times whose record is missing: still served, with an unreadable record.
+            for entry in times.iter()?.take(MIGRATE_ROWS) {
+                let (digest, time) = entry?;
+                digests.push(digest.value());
+                served.insert(digest.value(), served_row(time.value(), b"").as_slice())?;
+            }
+        }
+        for digest in &digests {
+            records.remove(digest)?;
+            times.remove(digest)?;
+        }
+        digests.len()
+    };
+    if moved == 0 {
+        txn.delete_table(RECORDS_V2)?;
+        txn.delete_table(SERVED_AT_V2)?;
+    }
     txn.commit()?;
-    Ok(())
+    Ok(moved)
 }
 
 /// The single writer: drains whatever is queued into one transaction, so concurrent commits
@@ -280,31 +382,28 @@ fn write_batch<'a>(
     // walking the whole file (tens of seconds at 10 million records).
     txn.set_quick_repair(true);
     {
-        let mut records = txn.open_table(RECORDS)?;
-        let mut served_at = txn.open_table(SERVED_AT)?;
+        let mut served = txn.open_table(SERVED)?;
         for op in ops {
             match op {
                 StoreOp::Put(record) => {
                     let digest = KeyDigest::of(&record.key).as_u128();
                     let json = serde_json::to_vec(record).unwrap_or_default();
-                    records.insert(digest, json.as_slice())?;
-                    served_at.insert(digest, record.served_at_ms)?;
+                    served.insert(digest, served_row(record.served_at_ms, &json).as_slice())?;
                 }
                 StoreOp::Delete(digests) => {
                     for digest in digests {
-                        records.remove(digest.as_u128())?;
-                        served_at.remove(digest.as_u128())?;
+                        served.remove(digest.as_u128())?;
                     }
                 }
                 StoreOp::Expire(retention) => {
                     let now = SystemTime::now();
                     let mut expired = Vec::new();
                     let mut seen = 0;
-                    for row in served_at.range(*sweep_from..)?.take(FILE_SWEEP_ROWS) {
-                        let (digest, time) = row?;
+                    for row in served.range(*sweep_from..)?.take(FILE_SWEEP_ROWS) {
+                        let (digest, row) = row?;
                         seen += 1;
                         *sweep_from = digest.value().saturating_add(1);
-                        if retention_over(time.value(), Some(*retention), now) {
+                        if retention_over(row_time(row.value()), Some(*retention), now) {
                             expired.push(digest.value());
                         }
                     }
@@ -312,8 +411,7 @@ fn write_batch<'a>(
                         *sweep_from = 0;
                     }
                     for digest in expired {
-                        records.remove(digest)?;
-                        served_at.remove(digest)?;
+                        served.remove(digest)?;
                     }
                 }
                 StoreOp::Probe => {
@@ -535,7 +633,72 @@ mod tests {
             read.open_table(LEGACY_SERVED),
             Err(redb::TableError::TableDoesNotExist(_))
         ));
-        assert_eq!(read.open_table(SERVED_AT).unwrap().len().unwrap(), 2);
+        assert_eq!(read.open_table(SERVED).unwrap().len().unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn records_of_the_two_table_layout_are_moved_with_their_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.redb");
+        let mut old = record("p/i/old");
+        old.served_at_ms -= 7_200_000;
+        let others: Vec<ServedRecord> = (0..4).map(|i| record(&format!("p/i/{i}"))).collect();
+        let digest = |key: &str| KeyDigest::of(key).as_u128();
+        {
+            let db = LedgerFile::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut records = txn.open_table(RECORDS_V2).unwrap();
+                let mut times = txn.open_table(SERVED_AT_V2).unwrap();
+                for record in others.iter().chain([&old]) {
+                    let json = serde_json::to_vec(record).unwrap();
+                    records
+                        .insert(digest(&record.key), json.as_slice())
+                        .unwrap();
+                    times
+                        .insert(digest(&record.key), record.served_at_ms)
+                        .unwrap();
+                }
+                // A time whose record is missing, and a record that does not parse.
+                times.insert(digest("p/i/time-only"), 1_000).unwrap();
+                records
+                    .insert(digest("p/i/garbled"), b"{not json".as_slice())
+                    .unwrap();
+                times.insert(digest("p/i/garbled"), 2_000).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let ledger = EmbeddedLedger::open(&path, None).unwrap();
+        assert_eq!(
+            ledger.lookup("p/i/old").await.unwrap(),
+            KeyState::Served(Arc::new(old.clone()))
+        );
+        for record in &others {
+            assert_eq!(
+                ledger.lookup(&record.key).await.unwrap(),
+                KeyState::Served(Arc::new(record.clone()))
+            );
+        }
+        for (key, time) in [("p/i/time-only", 1_000), ("p/i/garbled", 2_000)] {
+            assert_eq!(
+                ledger.lookup(key).await.unwrap(),
+                KeyState::Served(Arc::new(ServedRecord::unreadable(key, time))),
+                "{key} stays served, at its time"
+            );
+            assert_eq!(
+                ledger.claim(key, Duration::from_secs(60)).await.unwrap(),
+                ClaimOutcome::Served
+            );
+        }
+        let db = ledger.file.current().unwrap();
+        let read = db.begin_read().unwrap();
+        assert_eq!(read.open_table(SERVED).unwrap().len().unwrap(), 7);
+        for gone in [
+            read.open_table(RECORDS_V2).err(),
+            read.open_table(SERVED_AT_V2).err(),
+        ] {
+            assert!(matches!(gone, Some(redb::TableError::TableDoesNotExist(_))));
+        }
     }
 
     async fn reopen(path: &Path, retention: Option<Duration>) -> EmbeddedLedger {
@@ -581,7 +744,7 @@ mod tests {
         let rows = |ledger: &EmbeddedLedger| {
             let db = ledger.file.current().unwrap();
             let read = db.begin_read().unwrap();
-            read.open_table(SERVED_AT).unwrap().len().unwrap()
+            read.open_table(SERVED).unwrap().len().unwrap()
         };
         assert_eq!(rows(&ledger), 1, "only p/i/kept is left");
         claim(&ledger, "p/i/old").await;
@@ -604,7 +767,7 @@ mod tests {
             .unwrap();
         assert!(!repaired.get(), "the file needed a repair");
         let read = db.begin_read().unwrap();
-        assert_eq!(read.open_table(SERVED_AT).unwrap().len().unwrap(), 1);
+        assert_eq!(read.open_table(SERVED).unwrap().len().unwrap(), 1);
     }
 
     #[tokio::test]
