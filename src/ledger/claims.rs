@@ -243,6 +243,7 @@ impl<S: ServedEntry> ClaimMap<S> {
         Ok(ClaimOutcome::Claimed(Ticket {
             key: key.to_string(),
             id: ticket,
+            digest,
         }))
     }
 
@@ -272,11 +273,7 @@ impl<S: ServedEntry> ClaimMap<S> {
         ticket: &Ticket,
         change: impl FnOnce(&mut u64, &mut bool),
     ) -> Result<(), LedgerError> {
-        match self
-            .slots
-            .get_mut(&KeyDigest::of(&ticket.key))
-            .as_deref_mut()
-        {
+        match self.slots.get_mut(&ticket.digest).as_deref_mut() {
             Some(Slot::InFlight {
                 ticket: held,
                 expires,
@@ -303,7 +300,7 @@ impl<S: ServedEntry> ClaimMap<S> {
 
     /// Second half of a commit, once the record is durable.
     pub fn finish_commit(&self, ticket: &Ticket, entry: S) {
-        if let Some(mut slot) = self.slots.get_mut(&KeyDigest::of(&ticket.key)) {
+        if let Some(mut slot) = self.slots.get_mut(&ticket.digest) {
             if matches!(*slot, Slot::InFlight { ticket: held, .. } if held == ticket.id) {
                 *slot = Slot::Served(entry);
             }
@@ -323,7 +320,7 @@ impl<S: ServedEntry> ClaimMap<S> {
 
     pub fn release(&self, ticket: &Ticket) {
         self.slots.remove_if(
-            &KeyDigest::of(&ticket.key),
+            &ticket.digest,
             |_, slot| matches!(slot, Slot::InFlight { ticket: held, .. } if *held == ticket.id),
         );
     }

@@ -49,7 +49,8 @@ const FILE_SWEEP_ROWS: usize = 50_000;
 const PAGE_CACHE_BYTES: usize = 64 << 20;
 
 enum StoreOp {
-    Put(ServedRecord),
+    /// A record, by its key's digest.
+    Put(KeyDigest, ServedRecord),
     Delete(Vec<KeyDigest>),
     /// Deletes records past this retention, `FILE_SWEEP_ROWS` rows at a time.
     Expire(Duration),
@@ -385,10 +386,10 @@ fn write_batch<'a>(
         let mut served = txn.open_table(SERVED)?;
         for op in ops {
             match op {
-                StoreOp::Put(record) => {
-                    let digest = KeyDigest::of(&record.key).as_u128();
+                StoreOp::Put(digest, record) => {
                     let json = serde_json::to_vec(record).unwrap_or_default();
-                    served.insert(digest, served_row(record.served_at_ms, &json).as_slice())?;
+                    let row = served_row(record.served_at_ms, &json);
+                    served.insert(digest.as_u128(), row.as_slice())?;
                 }
                 StoreOp::Delete(digests) => {
                     for digest in digests {
@@ -443,7 +444,7 @@ impl Ledger for EmbeddedLedger {
     async fn commit(&self, ticket: &Ticket, record: ServedRecord) -> Result<(), LedgerError> {
         self.claims.begin_commit(ticket)?;
         let served_at = ServedAt(record.served_at_ms);
-        match self.write(StoreOp::Put(record)).await {
+        match self.write(StoreOp::Put(ticket.digest, record)).await {
             Ok(()) => {
                 self.claims.finish_commit(ticket, served_at);
                 Ok(())

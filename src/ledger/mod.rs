@@ -65,6 +65,8 @@ pub fn retention_over(served_at_ms: u64, retention: Option<Duration>, now: Syste
 pub struct Ticket {
     pub key: String,
     pub id: u64,
+    /// The key's digest, so a held key is never hashed again (commit, renew, release).
+    pub digest: KeyDigest,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -89,9 +89,11 @@ impl RedisLedger {
     ) -> Result<RedisLedger, LedgerError> {
         let client =
             Client::open(url).map_err(|e| LedgerError::Unavailable(format!("store.url: {e}")))?;
+        // Each command is bounded by `run`'s own timeout, reconnection included, so the
+        // connection keeps no second timer per command.
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(None)
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)
@@ -138,7 +140,7 @@ impl RedisLedger {
         }
     }
 
-    fn cache_served(&self, key: &str, record: &ServedRecord) {
+    fn cache_served(&self, digest: KeyDigest, record: &ServedRecord) {
         let mut until = Instant::now() + SERVED_CACHE_TTL;
         if let Some(retention) = self.retention {
             let left = (record.served_at() + retention)
@@ -146,12 +148,12 @@ impl RedisLedger {
                 .unwrap_or_default();
             until = until.min(Instant::now() + left);
         }
-        self.served.insert(KeyDigest::of(key), until);
+        self.served.insert(digest, until);
     }
 
-    fn cached(&self, key: &str) -> bool {
+    fn cached(&self, digest: KeyDigest) -> bool {
         self.served
-            .get(&KeyDigest::of(key))
+            .get(&digest)
             .is_some_and(|until| *until > Instant::now())
     }
 
@@ -194,16 +196,19 @@ async fn listen_for_resets(client: Client, channel: String, served: Arc<DigestMa
 #[async_trait]
 impl Ledger for RedisLedger {
     fn claim_now(&self, key: &str, _lease: Duration) -> Option<Result<ClaimOutcome, LedgerError>> {
-        self.cached(key).then_some(Ok(ClaimOutcome::Served))
+        self.cached(KeyDigest::of(key))
+            .then_some(Ok(ClaimOutcome::Served))
     }
 
     async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, LedgerError> {
-        if self.cached(key) {
+        let digest = KeyDigest::of(key);
+        if self.cached(digest) {
             return Ok(ClaimOutcome::Served);
         }
         let ticket = Ticket {
             key: key.to_string(),
             id: rand::random(),
+            digest,
         };
         let redis_key = self.redis_key(key);
         let lease_ms = lease.as_millis().max(1) as u64;
@@ -218,7 +223,7 @@ impl Ledger for RedisLedger {
                 let value: Option<String> = redis::from_redis_value(other).unwrap_or(None);
                 match Self::parse_state(key, value) {
                     KeyState::Served(record) => {
-                        self.cache_served(key, &record);
+                        self.cache_served(digest, &record);
                         Ok(ClaimOutcome::Served)
                     }
                     // Gone between the two commands of the script cannot happen (it is atomic);
@@ -253,7 +258,7 @@ impl Ledger for RedisLedger {
             .arg(retention_ms);
         match self.run::<i64>(invocation).await? {
             1 => {
-                self.cache_served(&ticket.key, &record);
+                self.cache_served(ticket.digest, &record);
                 Ok(())
             }
             _ => Err(LedgerError::LostClaim(ticket.key.clone())),
