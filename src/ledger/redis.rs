@@ -1,5 +1,5 @@
 //! The `redis` ledger: replicas share one Redis (or Valkey), so exactly one of them serves an archive.
-//! `SET NX PX` claims, Lua compare-and-set on the ticket, and a served-only cache reset by pub/sub.
+//! `SET NX PX GET` claims, Lua compare-and-set on the ticket, and a served-only cache reset by pub/sub.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Script, Value};
+use redis::{Client, Script};
 
 use super::{
     ClaimOutcome, DigestMap, KeyDigest, KeyState, Ledger, LedgerError, ResetOutcome, ServedRecord,
@@ -21,10 +21,6 @@ pub const SERVED_CACHE_TTL: Duration = Duration::from_secs(5);
 /// Every Redis command gives up after this, so the archive route fails closed quickly.
 const COMMAND_TIMEOUT: Duration = Duration::from_millis(1500);
 
-const CLAIM: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return redis.call('GET', KEYS[1])
-";
 const RENEW: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
@@ -56,7 +52,6 @@ return 2
 ";
 
 struct Scripts {
-    claim: Script,
     renew: Script,
     commit: Script,
     release: Script,
@@ -106,7 +101,6 @@ impl RedisLedger {
             prefix: prefix.to_string(),
             retention,
             scripts: Scripts {
-                claim: Script::new(CLAIM),
                 renew: Script::new(RENEW),
                 commit: Script::new(COMMIT),
                 release: Script::new(RELEASE),
@@ -130,14 +124,12 @@ impl RedisLedger {
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<T, LedgerError> {
         let mut connection = self.connection.clone();
-        match tokio::time::timeout(COMMAND_TIMEOUT, invocation.invoke_async(&mut connection)).await
-        {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(LedgerError::Unavailable(e.to_string())),
-            Err(_) => Err(LedgerError::Unavailable(
-                "redis did not answer in time".into(),
-            )),
-        }
+        within_time(invocation.invoke_async(&mut connection)).await
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, command: redis::Cmd) -> Result<T, LedgerError> {
+        let mut connection = self.connection.clone();
+        within_time(command.query_async(&mut connection)).await
     }
 
     fn cache_served(&self, digest: KeyDigest, record: &ServedRecord) {
@@ -168,6 +160,20 @@ impl RedisLedger {
                 None => KeyState::InFlight,
             },
         }
+    }
+}
+
+/// A command's answer, or `Unavailable` when it fails or takes longer than `COMMAND_TIMEOUT`
+/// (reconnecting included): the archive route then fails closed at once.
+async fn within_time<T>(
+    command: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, LedgerError> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, command).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(LedgerError::Unavailable(e.to_string())),
+        Err(_) => Err(LedgerError::Unavailable(
+            "redis did not answer in time".into(),
+        )),
     }
 }
 
@@ -210,27 +216,26 @@ impl Ledger for RedisLedger {
             id: rand::random(),
             digest,
         };
-        let redis_key = self.redis_key(key);
-        let lease_ms = lease.as_millis().max(1) as u64;
-        let mut invocation = self.scripts.claim.prepare_invoke();
-        invocation
-            .key(&redis_key)
+        // One atomic command (Redis 7.0+): set unless present, answering what was there. A
+        // plain command costs the server less than a script.
+        let mut command = redis::cmd("SET");
+        command
+            .arg(self.redis_key(key))
             .arg(Self::ticket_value(&ticket))
-            .arg(lease_ms);
-        match self.run::<Value>(invocation).await? {
-            Value::Int(1) => Ok(ClaimOutcome::Claimed(ticket)),
-            other => {
-                let value: Option<String> = redis::from_redis_value(other).unwrap_or(None);
-                match Self::parse_state(key, value) {
-                    KeyState::Served(record) => {
-                        self.cache_served(digest, &record);
-                        Ok(ClaimOutcome::Served)
-                    }
-                    // Gone between the two commands of the script cannot happen (it is atomic);
-                    // an unreadable value counts as held.
-                    KeyState::InFlight | KeyState::Unseen => Ok(ClaimOutcome::InFlight),
+            .arg("NX")
+            .arg("PX")
+            .arg(lease.as_millis().max(1) as u64)
+            .arg("GET");
+        match self.query::<Option<String>>(command).await? {
+            None => Ok(ClaimOutcome::Claimed(ticket)),
+            held => match Self::parse_state(key, held) {
+                KeyState::Served(record) => {
+                    self.cache_served(digest, &record);
+                    Ok(ClaimOutcome::Served)
                 }
-            }
+                // Present but unreadable counts as held.
+                KeyState::InFlight | KeyState::Unseen => Ok(ClaimOutcome::InFlight),
+            },
         }
     }
 
@@ -274,17 +279,10 @@ impl Ledger for RedisLedger {
     }
 
     async fn lookup(&self, key: &str) -> Result<KeyState, LedgerError> {
-        let mut connection = self.connection.clone();
         let mut command = redis::cmd("GET");
         command.arg(self.redis_key(key));
-        let get = command.query_async::<Option<String>>(&mut connection);
-        match tokio::time::timeout(COMMAND_TIMEOUT, get).await {
-            Ok(Ok(value)) => Ok(Self::parse_state(key, value)),
-            Ok(Err(e)) => Err(LedgerError::Unavailable(e.to_string())),
-            Err(_) => Err(LedgerError::Unavailable(
-                "redis did not answer in time".into(),
-            )),
-        }
+        let value = self.query::<Option<String>>(command).await?;
+        Ok(Self::parse_state(key, value))
     }
 
     async fn reset(&self, key: &str) -> Result<ResetOutcome, LedgerError> {
@@ -303,10 +301,7 @@ impl Ledger for RedisLedger {
     }
 
     async fn ready(&self) -> bool {
-        let mut connection = self.connection.clone();
-        let command = redis::cmd("PING");
-        let ping = command.query_async::<String>(&mut connection);
-        matches!(tokio::time::timeout(COMMAND_TIMEOUT, ping).await, Ok(Ok(_)))
+        self.query::<String>(redis::cmd("PING")).await.is_ok()
     }
 
     async fn sweep(&self) {
