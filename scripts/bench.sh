@@ -7,6 +7,8 @@
 #   PROFILE=full scripts/bench.sh
 #   TARGETS="mem emb" scripts/bench.sh    # a subset of the ledgers
 #   ONCE_PEER=0 scripts/bench.sh          # without the haproxy download-once peer
+#   REDIS_CPU=0 scripts/bench.sh          # redis-server pinned to CPU 0 (default: unpinned,
+#                                         # wherever the scheduler puts it)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,8 +34,10 @@ path = \"$work/emb.redb\"" ;;
     redis)
       command -v redis-server >/dev/null || { echo "bench.sh: redis-server not found; skipping the redis target" >&2; continue; }
       redis-cli -p $redis_port shutdown nosave >/dev/null 2>&1 || true
-      redis-server --port $redis_port --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
-        --pidfile "$work/redis.pid" --logfile "$work/redis.log"
+      pin=()
+      [[ -n ${REDIS_CPU:-} ]] && pin=(taskset -c "$REDIS_CPU")
+      "${pin[@]}" redis-server --port $redis_port --bind 127.0.0.1 --save '' --appendonly no \
+        --daemonize yes --pidfile "$work/redis.pid" --logfile "$work/redis.log"
       store="kind = \"redis\"
 url = \"redis://127.0.0.1:$redis_port\"
 key_prefix = \"bench$(date +%s):\"" ;;
