@@ -255,8 +255,9 @@ where
     }
 }
 
-/// Archives up to this size (by their Content-Length) are read whole before they are answered.
-const WHOLE_BODY_LIMIT: u64 = 64 * 1024;
+/// Archives up to this size (by their Content-Length) are read whole before they are answered:
+/// about what arrives with the headers in hyper's first reads. Anything larger streams (SPEC §1).
+const WHOLE_BODY_LIMIT: u64 = 16 * 1024;
 
 /// The whole upstream body, which must be exactly `expected` bytes long. A body that breaks,
 /// stalls past `upstream.body_idle_timeout` or has the wrong length is the upstream's failure
