@@ -9,7 +9,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either};
 use http::header::{self, HeaderName};
 use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
@@ -159,30 +159,22 @@ fn claimed_ticket(
 }
 
 /// Claims the key (unless `claimed` already holds it), forwards, then commits or releases.
-async fn download<S, B>(
+/// The request becomes its record draft and its forwarding future before anything is awaited,
+/// so the download's future (boxed once per download) holds neither the request nor a copy of
+/// it: under ~1 KiB, it comes from the allocator's per-thread cache.
+fn download<S, B>(
     policy: Arc<OncePolicy>,
     mut inner: S,
     request: Request<B>,
     key: Arc<str>,
     note: Arc<AccessNote>,
     claimed: Option<Claim>,
-) -> Result<Response<ProxyBody>, ProxyError>
+) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>>
 where
     S: Service<Request<B>, Response = Response<ProxyBody>, Error = ProxyError>,
 {
-    let mut claim = match claimed {
-        Some(claim) => claim,
-        None => {
-            let answer = policy.ledger.claim(&key, policy.lease).await;
-            Claim::new(
-                policy.ledger.clone(),
-                claimed_ticket(answer, &note)?,
-                note.clone(),
-            )
-        }
-    };
     let record = RecordDraft {
-        key,
+        key: key.clone(),
         request_id: note.request_id().to_string(),
         client: request
             .extensions()
@@ -207,51 +199,76 @@ where
             .get::<Arc<Identity>>()
             .map(|identity| identity.user_id.clone()),
     };
-
-    // Errors and non-2xx answers drop `claim`, which gives the key back.
-    claim.release_outcome = Outcome::UpstreamError;
-    let mut response = inner.call(request).await?;
-    if !response.status().is_success() {
-        return Ok(response);
+    // Only polled once the claim is held. The service below (the upstream) prepares the request
+    // here and sends nothing before it is polled, so a lost claim forwards nothing.
+    let forwarding = inner.call(request);
+    match claimed {
+        Some(claim) => Either::Left(forward_claimed(policy, claim, forwarding, record)),
+        None => Either::Right(async move {
+            let answer = policy.ledger.claim(&key, policy.lease).await;
+            let ticket = claimed_ticket(answer, &note)?;
+            let claim = Claim::new(policy.ledger.clone(), ticket, note);
+            forward_claimed(policy, claim, forwarding, record).await
+        }),
     }
-    claim.release_outcome = Outcome::Released;
-    set_no_store(response.headers_mut());
-    let expected = content_length(&response);
-    match policy.commit {
-        CommitMode::Headers => {
-            let record = record.finish(expected.unwrap_or(0));
-            claim.commit(record).await?;
-            Ok(response)
+}
+
+/// Forwards on a held claim, then commits or releases it. An `async move` block rather than an
+/// `async fn`: its captures are used in place, where an `async fn` keeps a second copy of each
+/// argument in its future.
+#[allow(clippy::manual_async_fn)]
+fn forward_claimed(
+    policy: Arc<OncePolicy>,
+    mut claim: Claim,
+    forwarding: impl Future<Output = Result<Response<ProxyBody>, ProxyError>>,
+    record: RecordDraft,
+) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> {
+    async move {
+        // Errors and non-2xx answers drop `claim`, which gives the key back.
+        claim.release_outcome = Outcome::UpstreamError;
+        let mut response = forwarding.await?;
+        if !response.status().is_success() {
+            return Ok(response);
         }
-        // A small archive is read whole and recorded before anything goes out, so the client
-        // gets headers and body in one write instead of the headers and, after the commit, the
-        // held-back body. The promise is the same: no byte of it leaves before the record is
-        // durable (stricter than holding back only the final chunk).
-        CommitMode::Complete if expected.is_some_and(|length| length <= WHOLE_BODY_LIMIT) => {
-            let (parts, body) = response.into_parts();
-            // Answered with a 502 or 504, so noted as the upstream's failure.
-            claim.release_outcome = Outcome::UpstreamError;
-            let bytes = read_whole(body, expected.unwrap_or(0)).await?;
-            claim.commit(record.finish(bytes.len() as u64)).await?;
-            Ok(Response::from_parts(parts, crate::body::full(bytes)))
-        }
-        CommitMode::Complete => Ok(response.map(|body| {
-            OnceBody {
-                inner: body,
-                claim: Some(claim),
-                record: Some(record),
-                expected,
-                sent: 0,
-                held: None,
-                tail: VecDeque::new(),
-                commit: None,
-                committed: false,
-                lease: policy.lease,
-                last_renewal: Instant::now(),
-                renewal: None,
+        claim.release_outcome = Outcome::Released;
+        set_no_store(response.headers_mut());
+        let expected = content_length(&response);
+        match policy.commit {
+            CommitMode::Headers => {
+                let record = record.finish(expected.unwrap_or(0));
+                claim.commit(record).await?;
+                Ok(response)
             }
-            .boxed_unsync()
-        })),
+            // A small archive is read whole and recorded before anything goes out, so the client
+            // gets headers and body in one write instead of the headers and, after the commit, the
+            // held-back body. The promise is the same: no byte of it leaves before the record is
+            // durable (stricter than holding back only the final chunk).
+            CommitMode::Complete if expected.is_some_and(|length| length <= WHOLE_BODY_LIMIT) => {
+                let (parts, body) = response.into_parts();
+                // Answered with a 502 or 504, so noted as the upstream's failure.
+                claim.release_outcome = Outcome::UpstreamError;
+                let bytes = read_whole(body, expected.unwrap_or(0)).await?;
+                claim.commit(record.finish(bytes.len() as u64)).await?;
+                Ok(Response::from_parts(parts, crate::body::full(bytes)))
+            }
+            CommitMode::Complete => Ok(response.map(|body| {
+                OnceBody {
+                    inner: body,
+                    claim: Some(claim),
+                    record: Some(record),
+                    expected,
+                    sent: 0,
+                    held: None,
+                    tail: VecDeque::new(),
+                    commit: None,
+                    committed: false,
+                    lease: policy.lease,
+                    last_renewal: Instant::now(),
+                    renewal: None,
+                }
+                .boxed_unsync()
+            })),
+        }
     }
 }
 
@@ -365,20 +382,26 @@ impl Claim {
         self.ticket.as_ref()
     }
 
-    async fn commit(mut self, record: ServedRecord) -> Result<(), ProxyError> {
-        let Some(ticket) = self.ticket.take() else {
-            return Err(ProxyError::Internal);
-        };
-        match self.ledger.commit(&ticket, record).await {
-            Ok(()) => {
-                self.note.set_outcome(Outcome::Served);
-                Ok(())
+    /// Boxed: it holds the claim, the record and the ticket, and the download's own future stays
+    /// small enough for the allocator's per-thread cache.
+    fn commit(mut self, record: ServedRecord) -> BoxFuture<'static, Result<(), ProxyError>> {
+        Box::pin(async move {
+            let Some(ticket) = self.ticket.take() else {
+                return Err(ProxyError::Internal);
+            };
+            match self.ledger.commit(&ticket, record).await {
+                Ok(()) => {
+                    self.note.set_outcome(Outcome::Served);
+                    Ok(())
+                }
+                Err(e) => {
+                    // Dropped holding its ticket again: the key is given back.
+                    self.ticket = Some(ticket);
+                    drop(self);
+                    Err(ProxyError::StoreUnavailable(e.to_string()))
+                }
             }
-            Err(e) => {
-                self.ticket = Some(ticket);
-                Err(ProxyError::StoreUnavailable(e.to_string()))
-            }
-        }
+        })
     }
 
     /// The ledger has made the key served (the commit ran elsewhere).

@@ -2,7 +2,7 @@
 //! One DashMap entry per key digest; every transition is a single entry operation, never get-then-insert.
 
 use std::convert::Infallible;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -15,24 +15,45 @@ use super::{retention_over, ClaimOutcome, LedgerError, ResetOutcome, ServedRecor
 
 /// The first 128 bits of a key's SHA-256: what the table (and the embedded file) is keyed by.
 /// 16 bytes per record whatever the key's length, and a collision cannot be crafted, so no
-/// archive id can make another archive look served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KeyDigest(u128);
+/// archive id can make another archive look served. Two `u64`s rather than a `u128`: aligned
+/// to 8, a table entry is 40 bytes instead of 48, and every future holding a ticket is smaller.
+/// (Field order keeps the derived order that of the `u128`, which the embedded file is keyed by.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KeyDigest {
+    high: u64,
+    low: u64,
+}
 
 impl KeyDigest {
     pub fn of(key: &str) -> KeyDigest {
         let sha = Sha256::digest(key.as_bytes());
-        let mut first = [0u8; 16];
-        first.copy_from_slice(&sha[..16]);
-        KeyDigest(u128::from_be_bytes(first))
+        let half = |range: std::ops::Range<usize>| {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&sha[range]);
+            u64::from_be_bytes(bytes)
+        };
+        KeyDigest {
+            high: half(0..8),
+            low: half(8..16),
+        }
     }
 
     pub fn from_u128(value: u128) -> KeyDigest {
-        KeyDigest(value)
+        KeyDigest {
+            high: (value >> 64) as u64,
+            low: value as u64,
+        }
     }
 
     pub fn as_u128(self) -> u128 {
-        self.0
+        (u128::from(self.high) << 64) | u128::from(self.low)
+    }
+}
+
+/// The low 64 bits are already uniform: they are the hash (see `DigestHasher`).
+impl Hash for KeyDigest {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.low);
     }
 }
 
@@ -47,14 +68,14 @@ impl Hasher for DigestHasher {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        // Only reached for other key types; digests go through `write_u128`.
+        // Only reached for other key types; digests go through `write_u64`.
         for &byte in bytes {
             self.0 = self.0.rotate_left(8) ^ u64::from(byte);
         }
     }
 
-    fn write_u128(&mut self, value: u128) {
-        self.0 = value as u64;
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
     }
 }
 
@@ -486,6 +507,25 @@ mod tests {
         assert!(std::mem::size_of::<Slot<ServedAt>>() <= 24);
         assert!(std::mem::size_of::<Slot<Arc<ServedRecord>>>() <= 24);
         assert_eq!(std::mem::size_of::<KeyDigest>(), 16);
+    }
+
+    #[test]
+    fn digests_keep_the_value_and_order_files_are_keyed_by() {
+        // Files written by any version key their rows by the first 16 bytes of the SHA-256,
+        // big-endian.
+        let sha = Sha256::digest(b"p/i/a");
+        let first = u128::from_be_bytes(sha[..16].try_into().unwrap());
+        assert_eq!(KeyDigest::of("p/i/a").as_u128(), first);
+        let values = [0, 1, u128::from(u64::MAX), 1 << 64, first, u128::MAX];
+        for a in values {
+            assert_eq!(KeyDigest::from_u128(a).as_u128(), a);
+            for b in values {
+                assert_eq!(
+                    KeyDigest::from_u128(a).cmp(&KeyDigest::from_u128(b)),
+                    a.cmp(&b)
+                );
+            }
+        }
     }
 
     #[test]
