@@ -392,19 +392,22 @@ async fn a_full_disk_fails_the_archive_route_closed_and_recovers() {
     let proxy = Process::spawn(dir.path(), &config);
 
     let filler = disk.fill();
-    // The first download after the disk filled up cannot be recorded, so it is not completed.
-    // (The connection may even close before the headers: they wait for the held final chunk.)
+    // The first download after the disk filled up cannot be recorded, so it is not completed:
+    // a small archive is recorded before anything goes out, so its client gets a clean 503.
     let lost = try_request(
         proxy.addr,
         "GET",
         &archive("disk-2"),
         &[("x-auth-token", TOKEN)],
     )
-    .await;
+    .await
+    .expect("an answer");
     assert!(
-        lost.is_none_or(|lost| lost.status != StatusCode::OK || lost.body.len() < full_size),
+        lost.status != StatusCode::OK || lost.body.len() < full_size,
         "a download was completed without a durable record"
     );
+    assert_eq!(lost.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(lost.error_code(), "APIC.9000");
     wait_for_status(proxy.admin, "/readyz", StatusCode::SERVICE_UNAVAILABLE).await;
     let refused = get(proxy.addr, &archive("disk-3"), &[]).await;
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
