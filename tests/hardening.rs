@@ -80,6 +80,19 @@ async fn a_small_archive_is_read_whole_and_a_broken_one_gets_a_clean_error() {
         other => panic!("not served: {other:?}"),
     }
 
+    // An empty archive is an archive too: served once, recorded with 0 bytes.
+    let empty = get(proxy.addr, &archive("tiny-empty-1"), &[]).await;
+    assert_eq!(empty.status, StatusCode::OK);
+    assert!(empty.body.is_empty());
+    match proxy.ledger.lookup("proj/inst/tiny-empty-1").await.unwrap() {
+        KeyState::Served(record) => assert_eq!(record.bytes, 0),
+        other => panic!("not served: {other:?}"),
+    }
+    assert_eq!(
+        get(proxy.addr, &archive("tiny-empty-1"), &[]).await.status,
+        StatusCode::FORBIDDEN
+    );
+
     // Nothing went out before the body was whole, so a broken one is a ROMA error, not a
     // truncated 200, and the key comes free for the next try.
     for (id, status, code) in [

@@ -219,7 +219,11 @@ async fn upstream_handle(
         }
         // A small archive (3 × 1,000 bytes, paced) that is read whole before it is answered:
         // `tiny-whole` arrives intact, `tiny-reset` breaks and `tiny-short` ends after the first
-        // chunk, `tiny-stall` pauses 700 ms after it.
+        // chunk, `tiny-stall` pauses 700 ms after it; `tiny-empty` is an empty archive.
+        "tiny" if parts.get(1) == Some(&"empty") => Response::builder()
+            .header("content-length", "0")
+            .body(full(Bytes::new()))
+            .unwrap(),
         "tiny" => {
             let behaviour = parts.get(1).copied().unwrap_or("whole").to_string();
             let stream = futures_util::stream::unfold(0usize, move |i| {
