@@ -63,12 +63,17 @@ async fn upstream_failures_at_any_stage_release_the_claim() {
     assert_eq!(upstream.hits("short-1").len(), 2);
 }
 
+/// A proxy that cuts an upstream body pausing for more than 250 ms.
+async fn start_with_short_body_idle_timeout(upstream: &Upstream) -> oncegate::Running {
+    let mut config = config_for(&upstream.url(), "");
+    config.upstream.body_idle_timeout = Duration::from_millis(250);
+    oncegate::start(config).await.unwrap()
+}
+
 #[tokio::test]
 async fn a_small_archive_is_read_whole_and_a_broken_one_gets_a_clean_error() {
     let upstream = Upstream::start().await;
-    let mut config = config_for(&upstream.url(), "");
-    config.upstream.body_idle_timeout = Duration::from_millis(250);
-    let proxy = oncegate::start(config).await.unwrap();
+    let proxy = start_with_short_body_idle_timeout(&upstream).await;
 
     // Three chunks joined in order, then recorded with their length.
     let whole = get(proxy.addr, &archive("tiny-whole-1"), &[]).await;
@@ -116,9 +121,7 @@ async fn a_small_archive_is_read_whole_and_a_broken_one_gets_a_clean_error() {
 #[tokio::test]
 async fn a_body_that_pauses_longer_than_body_idle_timeout_is_cut_and_released() {
     let upstream = Upstream::start().await;
-    let mut config = config_for(&upstream.url(), "");
-    config.upstream.body_idle_timeout = Duration::from_millis(250);
-    let proxy = oncegate::start(config).await.unwrap();
+    let proxy = start_with_short_body_idle_timeout(&upstream).await;
 
     let cut = get(proxy.addr, &archive("trickle-700-idle"), &[]).await;
     assert_eq!(cut.status, StatusCode::OK);

@@ -248,48 +248,51 @@ fn table_exists<K: redb::Key + 'static, V: redb::Value + 'static>(
 /// Moves the records of earlier layouts into `SERVED`, `MIGRATE_ROWS` per transaction: a crash
 /// half-way leaves every record in one of the tables, and the next open goes on from there.
 fn migrate(db: &Database) -> Result<(), redb::Error> {
-    if table_exists(db, LEGACY_SERVED)? {
+    let legacy = table_exists(db, LEGACY_SERVED)?;
+    let two_tables = table_exists(db, RECORDS_V2)? || table_exists(db, SERVED_AT_V2)?;
+    if legacy || two_tables {
         tracing::info!("moving the ledger's records to the current layout");
-        migrate_legacy(db)?;
     }
-    if table_exists(db, RECORDS_V2)? || table_exists(db, SERVED_AT_V2)? {
-        tracing::info!("moving the ledger's records to the current layout");
+    if legacy {
+        while migrate_legacy(db)? > 0 {}
+    }
+    if two_tables {
         while migrate_two_tables(db)? > 0 {}
     }
     Ok(())
 }
 
-/// One step of the first layout's move; the table is dropped when it is empty.
-fn migrate_legacy(db: &Database) -> Result<(), redb::Error> {
-    loop {
-        let mut txn = db.begin_write()?;
-        txn.set_quick_repair(true);
-        let moved = {
-            let mut legacy = txn.open_table(LEGACY_SERVED)?;
-            let mut served = txn.open_table(SERVED)?;
-            let now = super::now_ms();
-            let mut keys = Vec::new();
-            for entry in legacy.iter()?.take(MIGRATE_ROWS) {
-                let (key, value) = entry?;
-                let time = serde_json::from_slice::<ServedRecord>(value.value())
-                    .map_or(now, |record| record.served_at_ms);
-                let digest = KeyDigest::of(key.value()).as_u128();
-                served.insert(digest, served_row(time, value.value()).as_slice())?;
-                keys.push(key.value().to_string());
-            }
-            for key in &keys {
-                legacy.remove(key.as_str())?;
-            }
-            keys.len()
-        };
-        if moved == 0 {
-            txn.delete_table(LEGACY_SERVED)?;
+/// The time a record's JSON names, or `now` for one that does not parse (still served).
+fn time_in_json(json: &[u8], now: u64) -> u64 {
+    serde_json::from_slice::<ServedRecord>(json).map_or(now, |record| record.served_at_ms)
+}
+
+/// One step of the first layout's move: up to `MIGRATE_ROWS` records, or, when none are left,
+/// the table. The rows moved.
+fn migrate_legacy(db: &Database) -> Result<usize, redb::Error> {
+    let mut txn = db.begin_write()?;
+    txn.set_quick_repair(true);
+    let moved = {
+        let mut legacy = txn.open_table(LEGACY_SERVED)?;
+        let mut served = txn.open_table(SERVED)?;
+        let now = super::now_ms();
+        let mut keys = Vec::new();
+        for entry in legacy.iter()?.take(MIGRATE_ROWS) {
+            let (key, json) = entry?;
+            let row = served_row(time_in_json(json.value(), now), json.value());
+            served.insert(KeyDigest::of(key.value()).as_u128(), row.as_slice())?;
+            keys.push(key.value().to_string());
         }
-        txn.commit()?;
-        if moved == 0 {
-            return Ok(());
+        for key in &keys {
+            legacy.remove(key.as_str())?;
         }
+        keys.len()
+    };
+    if moved == 0 {
+        txn.delete_table(LEGACY_SERVED)?;
     }
+    txn.commit()?;
+    Ok(moved)
 }
 
 /// One step of the second layout's move: up to `MIGRATE_ROWS` records, or, when none are
@@ -308,8 +311,7 @@ fn migrate_two_tables(db: &Database) -> Result<usize, redb::Error> {
             let digest = digest.value();
             let time = match times.get(digest)? {
                 Some(time) => time.value(),
-                None => serde_json::from_slice::<ServedRecord>(json.value())
-                    .map_or(now, |record| record.served_at_ms),
+                None => time_in_json(json.value(), now),
             };
             served.insert(digest, served_row(time, json.value()).as_slice())?;
             digests.push(digest);
