@@ -29,7 +29,7 @@ port=18083
 for target in $targets; do
   case $target in
     mem) store='kind = "memory"' ;;
-    emb) rm -f "$work/emb.redb"; store="kind = \"embedded\"
+    emb) rm -f "$work/emb.redb" "$work"/emb.redb.journal.*; store="kind = \"embedded\"
 path = \"$work/emb.redb\"" ;;
     redis)
       command -v redis-server >/dev/null || { echo "bench.sh: redis-server not found; skipping the redis target" >&2; continue; }

@@ -1,6 +1,6 @@
 //! The crash loop: the real binary is SIGKILLed at random moments while 16 clients download
 //! unique archives, then restarted. A fully received archive is never served again, and no
-//! claim outlives its lease. Runs: `ONCEGATE_CRASH_LOOP_RUNS` (default 3) per store.
+//! claim outlives its lease. Runs: `ONCEGATE_CRASH_LOOP_RUNS` (default 3) per test.
 
 mod support;
 
@@ -16,6 +16,40 @@ use support::*;
 const CLIENTS: usize = 16;
 /// `trickle-<ms>-*` sends 8 chunks of 64 KiB.
 const TRICKLE_BYTES: usize = 8 * 64 * 1024;
+
+/// What the clients download.
+#[derive(Clone, Copy)]
+enum Archives {
+    /// Slow, streamed ones (`trickle-15-*`, ~120 ms each): kills land mid-body.
+    Streamed,
+    /// Small ones the upstream answers at once: thousands of commits a second, so kills land
+    /// between a record's journal write and its move into the ledger file.
+    Small,
+}
+
+impl Archives {
+    fn path(self, name: &str) -> String {
+        match self {
+            Archives::Streamed => format!("{ARCHIVES}/trickle-15-{name}"),
+            Archives::Small => format!("{ARCHIVES}/{name}"),
+        }
+    }
+
+    fn full_size(self, path: &str) -> usize {
+        match self {
+            Archives::Streamed => TRICKLE_BYTES,
+            Archives::Small => body_for(path).len(),
+        }
+    }
+
+    /// Downloads per client at most: far more than fit before the kill (within a second).
+    fn per_client(self) -> usize {
+        match self {
+            Archives::Streamed => 200,
+            Archives::Small => 5_000,
+        }
+    }
+}
 
 #[derive(Default)]
 struct Books {
@@ -38,7 +72,13 @@ async fn download(addr: std::net::SocketAddr, path: &str) -> Option<(StatusCode,
     Some((status, body.len()))
 }
 
-async fn crash_loop(config: &str, dir: &std::path::Path, store: &str, lease: Duration) {
+async fn crash_loop(
+    config: &str,
+    dir: &std::path::Path,
+    store: &str,
+    lease: Duration,
+    archives: Archives,
+) {
     let runs: usize = std::env::var("ONCEGATE_CRASH_LOOP_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -55,14 +95,15 @@ async fn crash_loop(config: &str, dir: &std::path::Path, store: &str, lease: Dur
                 let store = store.to_string();
                 tokio::spawn(async move {
                     let mut n = 0;
-                    // Bounded: the proxy is killed within a second; 200 downloads is far more.
-                    while !stop.load(Ordering::SeqCst) && n < 200 {
-                        let path = format!("{ARCHIVES}/trickle-15-{store}{run}c{client}n{n}");
+                    while !stop.load(Ordering::SeqCst) && n < archives.per_client() {
+                        let path = archives.path(&format!("{store}{run}c{client}n{n}"));
                         n += 1;
                         let result = download(addr, &path).await;
                         let mut books = books.lock().unwrap();
                         match result {
-                            Some((StatusCode::OK, TRICKLE_BYTES)) => books.complete.push(path),
+                            Some((StatusCode::OK, size)) if size == archives.full_size(&path) => {
+                                books.complete.push(path)
+                            }
                             Some((status, _)) if status != StatusCode::OK => {
                                 panic!("{path}: unexpected {status} before the crash")
                             }
@@ -124,8 +165,7 @@ async fn crash_loop(config: &str, dir: &std::path::Path, store: &str, lease: Dur
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkill_never_lets_a_received_archive_be_served_again_embedded() {
+async fn embedded_crash_loop(name: &str, archives: Archives) {
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
@@ -134,7 +174,18 @@ async fn sigkill_never_lets_a_received_archive_be_served_again_embedded() {
          [admin]\nlisten = \"{{admin}}\"\n[log]\nlevel = \"warn\"\n",
         upstream.url()
     );
-    crash_loop(&config, dir.path(), "emb", Duration::from_secs(2)).await;
+    let lease = Duration::from_secs(2);
+    crash_loop(&config, dir.path(), name, lease, archives).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_never_lets_a_received_archive_be_served_again_embedded() {
+    embedded_crash_loop("emb", Archives::Streamed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_never_lets_a_received_small_archive_be_served_again_embedded() {
+    embedded_crash_loop("small", Archives::Small).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -149,5 +200,12 @@ async fn sigkill_never_lets_a_received_archive_be_served_again_redis() {
         upstream.url(),
         redis.url()
     );
-    crash_loop(&config, dir.path(), "red", Duration::from_secs(2)).await;
+    crash_loop(
+        &config,
+        dir.path(),
+        "red",
+        Duration::from_secs(2),
+        Archives::Streamed,
+    )
+    .await;
 }

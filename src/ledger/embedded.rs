@@ -1,15 +1,20 @@
-//! The `embedded` ledger (the default): the claim table in front of a redb file.
-//! Records are written durably before a commit returns and read back on a key's first use.
+//! The `embedded` ledger (the default): the claim table in front of a journal and a redb file.
+//! Records are journaled durably before a commit returns, moved into redb in large
+//! transactions, and read back on a key's first use.
 
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::{mpsc, Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
+use super::claims::DigestHasher;
+use super::journal::{self, ClosedSegments, Journal};
 use super::{
     retention_over, ClaimMap, ClaimOutcome, KeyDigest, KeyState, Ledger, LedgerError, ResetOutcome,
     ServedAt, ServedRecord, TableState, Ticket,
@@ -37,8 +42,26 @@ const MIGRATE_ROWS: usize = if cfg!(test) { 2 } else { 100_000 };
 /// One small row rewritten to find out whether the disk takes writes again after a failure.
 const PROBE: TableDefinition<&str, u64> = TableDefinition::new("probe");
 
-/// How many queued writes one transaction (one fsync) takes at most.
+/// The sequence number of the last journal entry the file holds (`APPLIED_THROUGH`), written in
+/// the transaction that applies it: entries up to it are skipped when the journal is replayed,
+/// so a replay never brings back a record that a later reset removed.
+const JOURNAL_STATE: TableDefinition<&str, u64> = TableDefinition::new("journal");
+const APPLIED_THROUGH: &str = "applied_through";
+
+/// How many queued writes one journal write (one fdatasync) takes at most.
 const MAX_BATCH: usize = 4096;
+
+/// How long journaled records gather before they are moved into the file together: a redb
+/// transaction costs ~49 µs a record in groups of 16, ~16 µs in groups of 1,024 (random keys,
+/// 200k rows; docs/BENCHMARKS.md).
+const APPLY_WAIT: Duration = Duration::from_millis(100);
+
+/// Records moved into the file per transaction at most.
+const APPLY_ROWS: usize = 16_384;
+
+/// Journaled records not yet in the file at most; past this, commits wait for the file to catch
+/// up, so memory stays bounded when the disk is slower than the journal.
+const MAX_PENDING: usize = 65_536;
 
 /// Rows of the file one sweep looks at for records past retention that were never read since
 /// the start (those read are swept from memory); the next sweep goes on from there.
@@ -49,7 +72,7 @@ const FILE_SWEEP_ROWS: usize = 50_000;
 const PAGE_CACHE_BYTES: usize = 64 << 20;
 
 enum StoreOp {
-    /// A record, by its key's digest.
+    /// A record, by its key's digest: journaled, then moved into the file.
     Put(KeyDigest, ServedRecord),
     Delete(Vec<KeyDigest>),
     /// Deletes records past this retention, `FILE_SWEEP_ROWS` rows at a time.
@@ -60,7 +83,90 @@ enum StoreOp {
     Probe,
 }
 
-type StoreRequest = (StoreOp, oneshot::Sender<Result<(), String>>);
+type Reply = oneshot::Sender<Result<(), String>>;
+
+type StoreRequest = (StoreOp, Reply);
+
+/// What the journal thread hands the file thread, in journal order.
+enum FileOp {
+    /// The records of one journal write (already acknowledged), by sequence number: one
+    /// message, so the file thread wakes once per group, not once per record.
+    Puts(Vec<Journaled>),
+    /// Any other operation, answered once the file holds it and everything before it.
+    Other(StoreOp, Reply),
+}
+
+/// A journaled record: its sequence number, its key's digest and its row.
+type Journaled = (u64, KeyDigest, Arc<[u8]>);
+
+/// Journaled records the file does not hold yet, so a lookup finds their details.
+#[derive(Default)]
+struct Pending {
+    rows: Mutex<HashMap<KeyDigest, Arc<[u8]>, BuildHasherDefault<DigestHasher>>>,
+    /// Signalled when rows leave, for a journal thread waiting at `MAX_PENDING`.
+    shrunk: Condvar,
+}
+
+impl Pending {
+    fn row(&self, digest: KeyDigest) -> Option<Arc<[u8]>> {
+        self.rows.lock().ok()?.get(&digest).cloned()
+    }
+
+    /// Waits until there is room for `more` rows, unless the file cannot be written (then no
+    /// new claims are taken, which bounds the rows).
+    fn insert(
+        &self,
+        rows: impl Iterator<Item = (KeyDigest, Arc<[u8]>)>,
+        more: usize,
+        health: &Health,
+    ) {
+        let Ok(mut pending) = self.rows.lock() else {
+            return;
+        };
+        while pending.len() + more > MAX_PENDING
+            && !pending.is_empty()
+            && !health.file_fails.load(Ordering::Relaxed)
+        {
+            match self
+                .shrunk
+                .wait_timeout(pending, Duration::from_millis(100))
+            {
+                Ok((guard, _)) => pending = guard,
+                Err(_) => return,
+            }
+        }
+        pending.extend(rows);
+    }
+
+    /// Forgets rows the file now holds (unless a newer row for the key took their place).
+    fn applied(&self, rows: &[Journaled]) {
+        if let Ok(mut pending) = self.rows.lock() {
+            for (_, digest, row) in rows {
+                if pending
+                    .get(digest)
+                    .is_some_and(|held| Arc::ptr_eq(held, row))
+                {
+                    pending.remove(digest);
+                }
+            }
+        }
+        self.shrunk.notify_all();
+    }
+}
+
+/// Whether the ledger can record downloads: the journal and the file each keep their own flag
+/// (each thread sets only its own), and claims are taken only while both are true.
+#[derive(Default)]
+struct Health {
+    journal_fails: AtomicBool,
+    file_fails: AtomicBool,
+}
+
+impl Health {
+    fn ok(&self) -> bool {
+        !self.journal_fails.load(Ordering::Relaxed) && !self.file_fails.load(Ordering::Relaxed)
+    }
+}
 
 /// The open file, shared by the writer thread (writes) and requests (reads). After a failed
 /// write redb refuses all further I/O on that handle, so the writer closes it and opens the
@@ -146,6 +252,17 @@ impl LedgerFile {
     }
 }
 
+/// A `SERVED` row for `record`: the time, then the JSON written straight after it.
+fn record_row(record: &ServedRecord) -> Vec<u8> {
+    let mut row = served_row(record.served_at_ms, b"");
+    row.reserve(256);
+    if serde_json::to_writer(&mut row, record).is_err() {
+        // Cannot happen for this struct; still served, with an unreadable record.
+        row.truncate(8);
+    }
+    row
+}
+
 /// A `SERVED` row: the time, then the JSON.
 fn served_row(served_at_ms: u64, json: &[u8]) -> Vec<u8> {
     let mut row = Vec::with_capacity(8 + json.len());
@@ -166,8 +283,9 @@ pub struct EmbeddedLedger {
     /// Keys used since the start (served ones with their time only); the file has the rest.
     claims: ClaimMap<ServedAt>,
     file: Arc<LedgerFile>,
+    pending: Arc<Pending>,
     writer: mpsc::Sender<StoreRequest>,
-    healthy: Arc<AtomicBool>,
+    health: Arc<Health>,
 }
 
 impl EmbeddedLedger {
@@ -182,24 +300,48 @@ impl EmbeddedLedger {
         }
         let db = LedgerFile::open(path).map_err(|e| unavailable(&e))?;
         migrate(&db).map_err(|e| unavailable(&e))?;
+        // Only now, with the file locked to this process, is the journal safe to touch.
+        let (next_seq, next_segment) = replay_journal(&db, path).map_err(|e| unavailable(&e))?;
         let file = Arc::new(LedgerFile {
             path: path.to_path_buf(),
             db: RwLock::new(Some(Arc::new(db))),
         });
-        let healthy = Arc::new(AtomicBool::new(true));
+        let (health, pending) = (Arc::new(Health::default()), Arc::new(Pending::default()));
+        let closed = Arc::new(ClosedSegments::default());
+        let (to_file, file_ops) = mpsc::channel();
         let (writer, queue) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("oncegate-ledger".into())
-            .spawn({
-                let (file, healthy) = (file.clone(), healthy.clone());
-                move || write_loop(&file, queue, &healthy)
-            })
-            .map_err(|e| unavailable(&e))?;
+        let spawn = |name: &str, work: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(work)
+                .map_err(|e| unavailable(&e))
+        };
+        spawn(
+            "oncegate-ledfile",
+            Box::new({
+                let (file, pending, health, closed) = (
+                    file.clone(),
+                    pending.clone(),
+                    health.clone(),
+                    closed.clone(),
+                );
+                move || apply_loop(&file, file_ops, next_seq - 1, &pending, &closed, &health)
+            }),
+        )?;
+        spawn(
+            "oncegate-journal",
+            Box::new({
+                let (pending, health) = (pending.clone(), health.clone());
+                let journal = Journal::new(path, next_segment, closed);
+                move || journal_loop(journal, next_seq, queue, &to_file, &pending, &health)
+            }),
+        )?;
         Ok(EmbeddedLedger {
             claims: ClaimMap::new(retention),
             file,
+            pending,
             writer,
-            healthy,
+            health,
         })
     }
 
@@ -221,7 +363,7 @@ impl EmbeddedLedger {
         // Fail closed while the file cannot be written (disk full, read-only, I/O error): a
         // download now could not be recorded. The sweep's probe notices when writes work again.
         // What is known is still answered: a served key stays refused.
-        if !self.healthy.load(Ordering::Relaxed) {
+        if !self.health.ok() {
             return match self.claims.lookup_or_load(key, stored)? {
                 TableState::Served(_) => Ok(ClaimOutcome::Served),
                 TableState::InFlight => Ok(ClaimOutcome::InFlight),
@@ -338,10 +480,63 @@ fn migrate_two_tables(db: &Database) -> Result<usize, redb::Error> {
     Ok(moved)
 }
 
-/// The single writer: drains whatever is queued into one transaction, so concurrent commits
-/// share one fsync (group commit).
-fn write_loop(file: &LedgerFile, queue: mpsc::Receiver<StoreRequest>, healthy: &AtomicBool) {
-    let mut sweep_from = 0u128;
+/// Moves the journal's records into the file (those it does not hold yet), then deletes the
+/// segments. Returns the next sequence number and the next segment's number.
+fn replay_journal(db: &Database, path: &Path) -> Result<(u64, u64), String> {
+    let segments = journal::segments(path).map_err(|e| e.to_string())?;
+    let next_segment = segments.last().map_or(1, |(number, _)| number + 1);
+    let entries = journal::replay(&segments).map_err(|e| e.to_string())?;
+    let applied = applied_through(db).map_err(|e| e.to_string())?;
+    let newest = entries.iter().map(|e| e.seq).max().unwrap_or(0);
+    let missing: Vec<_> = entries.into_iter().filter(|e| e.seq > applied).collect();
+    if !missing.is_empty() {
+        tracing::info!(
+            records = missing.len(),
+            "moving journaled records into the ledger file"
+        );
+    }
+    for chunk in missing.chunks(MIGRATE_ROWS) {
+        let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+        txn.set_quick_repair(true);
+        let insert = |txn: &redb::WriteTransaction| -> Result<(), redb::Error> {
+            let mut served = txn.open_table(SERVED)?;
+            for entry in chunk {
+                served.insert(entry.digest.as_u128(), entry.row.as_slice())?;
+            }
+            let last = chunk.iter().map(|e| e.seq).max().unwrap_or(0);
+            txn.open_table(JOURNAL_STATE)?
+                .insert(APPLIED_THROUGH, last)?;
+            Ok(())
+        };
+        insert(&txn).map_err(|e| e.to_string())?;
+        txn.commit().map_err(|e| e.to_string())?;
+    }
+    for (_, segment) in &segments {
+        std::fs::remove_file(segment).map_err(|e| format!("{}: {e}", segment.display()))?;
+    }
+    Ok((newest.max(applied) + 1, next_segment))
+}
+
+fn applied_through(db: &Database) -> Result<u64, redb::Error> {
+    let read = db.begin_read()?;
+    match read.open_table(JOURNAL_STATE) {
+        Ok(table) => Ok(table.get(APPLIED_THROUGH)?.map_or(0, |v| v.value())),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The journal thread: whatever is queued goes into one journal write and one fdatasync (group
+/// commit); a record is acknowledged then, and handed to the file thread.
+fn journal_loop(
+    mut journal: Journal,
+    mut next_seq: u64,
+    queue: mpsc::Receiver<StoreRequest>,
+    to_file: &mpsc::Sender<FileOp>,
+    pending: &Pending,
+    health: &Health,
+) {
+    let mut journaled: Vec<(u64, KeyDigest, Arc<[u8]>, Reply)> = Vec::new();
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -350,54 +545,178 @@ fn write_loop(file: &LedgerFile, queue: mpsc::Receiver<StoreRequest>, healthy: &
                 Err(_) => break,
             }
         }
+        for (op, done) in batch {
+            match op {
+                StoreOp::Put(digest, record) => {
+                    let row: Arc<[u8]> = record_row(&record).into();
+                    journal.push(next_seq, digest, &row);
+                    journaled.push((next_seq, digest, row, done));
+                    next_seq += 1;
+                }
+                other => {
+                    // The records before it go first, so the file thread sees the same order.
+                    if matches!(other, StoreOp::Probe) {
+                        journal.push_probe();
+                    }
+                    let synced =
+                        sync_journal(&mut journal, &mut journaled, to_file, pending, health);
+                    if let (StoreOp::Probe, Err(e)) = (&other, synced) {
+                        let _ = done.send(Err(e));
+                        continue;
+                    }
+                    if matches!(other, StoreOp::Flush) {
+                        journal.close_current();
+                    }
+                    let _ = to_file.send(FileOp::Other(other, done));
+                }
+            }
+        }
+        let _ = sync_journal(&mut journal, &mut journaled, to_file, pending, health);
+    }
+}
+
+/// Makes the pushed entries durable, then acknowledges their records and hands them on.
+fn sync_journal(
+    journal: &mut Journal,
+    journaled: &mut Vec<(u64, KeyDigest, Arc<[u8]>, Reply)>,
+    to_file: &mpsc::Sender<FileOp>,
+    pending: &Pending,
+    health: &Health,
+) -> Result<(), String> {
+    let result = journal.sync().map_err(|e| e.to_string());
+    if !matches!(result, Ok(false)) {
+        health
+            .journal_fails
+            .store(result.is_err(), Ordering::Relaxed);
+    }
+    match &result {
+        Ok(_) => {
+            let rows = journaled
+                .iter()
+                .map(|(_, digest, row, _)| (*digest, row.clone()));
+            pending.insert(rows, journaled.len(), health);
+            let mut puts = Vec::with_capacity(journaled.len());
+            for (seq, digest, row, done) in journaled.drain(..) {
+                puts.push((seq, digest, row));
+                let _ = done.send(Ok(()));
+            }
+            if !puts.is_empty() {
+                let _ = to_file.send(FileOp::Puts(puts));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "ledger journal write failed");
+            for (_, _, _, done) in journaled.drain(..) {
+                let _ = done.send(Err(e.clone()));
+            }
+        }
+    }
+    result.map(|_| ())
+}
+
+/// The file thread: gathers journaled records for `APPLY_WAIT` and writes them (with any other
+/// operation, in order) in one transaction, then deletes the journal segments the file now holds.
+fn apply_loop(
+    file: &LedgerFile,
+    ops: mpsc::Receiver<FileOp>,
+    mut applied_seq: u64,
+    pending: &Pending,
+    closed: &ClosedSegments,
+    health: &Health,
+) {
+    let mut sweep_from = 0u128;
+    // Records not in the file yet: gathered, or kept after a failed transaction to try again.
+    let mut puts: Vec<Journaled> = Vec::new();
+    let mut stopping = false;
+    while !stopping {
+        // At most one other operation, and it comes last: the transaction keeps the journal's
+        // order (a sweep's delete must not overtake a record journaled after it).
+        let mut other: Option<(StoreOp, Reply)> = None;
+        let take = |op: FileOp, puts: &mut Vec<_>| match op {
+            FileOp::Puts(mut more) => {
+                puts.append(&mut more);
+                None
+            }
+            FileOp::Other(op, done) => Some((op, done)),
+        };
+        match ops.recv() {
+            Ok(op) => other = take(op, &mut puts),
+            Err(_) if puts.is_empty() => break,
+            Err(_) => stopping = true,
+        }
+        // Records wait to be written in numbers; any other operation is answered at once.
+        let deadline = Instant::now() + APPLY_WAIT;
+        while puts.len() < APPLY_ROWS && !stopping && other.is_none() {
+            match ops.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(op) => other = take(op, &mut puts),
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => stopping = true,
+            }
+        }
+        while other.is_none() {
+            match ops.try_recv() {
+                Ok(op) => other = take(op, &mut puts),
+                Err(_) => break,
+            }
+        }
         let result = match file.current_or_reopen() {
-            Some(db) => write_batch(&db, batch.iter().map(|(op, _)| op), &mut sweep_from)
-                .map_err(|e| e.to_string()),
+            Some(db) => apply(
+                &db,
+                &puts,
+                other.as_ref().map(|(op, _)| op),
+                &mut sweep_from,
+            )
+            .map_err(|e| e.to_string()),
             None => Err("the ledger file cannot be opened".to_string()),
         };
         // After a failure, and on a flush: a file closed cleanly opens without a repair pass
         // over every record (which takes seconds per million).
-        if result.is_err() || batch.iter().any(|(op, _)| matches!(op, StoreOp::Flush)) {
+        if result.is_err() || matches!(other, Some((StoreOp::Flush, _))) {
             file.close();
         }
         // Reads go on while writes fail (a full disk still lets served keys be found).
-        if result.is_err() {
-            file.current_or_reopen();
-        }
-        healthy.store(result.is_ok(), Ordering::Relaxed);
         if let Err(e) = &result {
+            file.current_or_reopen();
             tracing::error!(error = %e, "ledger write failed");
+        } else {
+            pending.applied(&puts);
+            applied_seq = puts
+                .iter()
+                .map(|(seq, _, _)| *seq)
+                .fold(applied_seq, u64::max);
+            closed.delete_applied(applied_seq);
+            puts.clear();
         }
-        for (_, done) in batch {
-            let _ = done.send(result.clone());
+        health.file_fails.store(result.is_err(), Ordering::Relaxed);
+        if let Some((_, done)) = other {
+            let _ = done.send(result);
         }
     }
 }
 
-fn write_batch<'a>(
+/// One transaction: the records, the journal position they reach, then the other operation.
+fn apply(
     db: &Database,
-    ops: impl Iterator<Item = &'a StoreOp>,
+    puts: &[Journaled],
+    other: Option<&StoreOp>,
     sweep_from: &mut u128,
 ) -> Result<(), redb::Error> {
     let mut txn = db.begin_write()?;
-    // Saves redb's allocator state with each commit (and commits in two phases): ~20 % fewer
-    // commits a second at 64 concurrent, but a restart after a crash is ready at once instead of
-    // walking the whole file (tens of seconds at 10 million records).
+    // Saves redb's allocator state with each commit (and commits in two phases): a restart after
+    // a crash is ready at once instead of walking the whole file (tens of seconds at 10 million
+    // records).
     txn.set_quick_repair(true);
     {
         let mut served = txn.open_table(SERVED)?;
-        for op in ops {
+        for (_, digest, row) in puts {
+            served.insert(digest.as_u128(), &**row)?;
+        }
+        if let Some(last) = puts.iter().map(|(seq, _, _)| *seq).max() {
+            txn.open_table(JOURNAL_STATE)?
+                .insert(APPLIED_THROUGH, last)?;
+        }
+        if let Some(op) = other {
             match op {
-                StoreOp::Put(digest, record) => {
-                    // The JSON is written straight after the time: one buffer, no copy.
-                    let mut row = served_row(record.served_at_ms, b"");
-                    row.reserve(256);
-                    if serde_json::to_writer(&mut row, record).is_err() {
-                        // Cannot happen for this struct; still served, with an unreadable record.
-                        row.truncate(8);
-                    }
-                    served.insert(digest.as_u128(), row.as_slice())?;
-                }
                 StoreOp::Delete(digests) => {
                     for digest in digests {
                         served.remove(digest.as_u128())?;
@@ -426,7 +745,7 @@ fn write_batch<'a>(
                     txn.open_table(PROBE)?
                         .insert("last_probe_ms", super::now_ms())?;
                 }
-                StoreOp::Flush => {}
+                StoreOp::Put(..) | StoreOp::Flush => {}
             }
         }
     }
@@ -479,7 +798,11 @@ impl Ledger for EmbeddedLedger {
         };
         // The table is the authority on the state; the file adds the details. A record gone
         // there (a reset that ran since) or unreadable is still reported as served.
-        let json = self.file.record(KeyDigest::of(key))?;
+        let digest = KeyDigest::of(key);
+        let json = match self.pending.row(digest) {
+            Some(row) => Some(row.get(8..).unwrap_or_default().to_vec()),
+            None => self.file.record(digest)?,
+        };
         let record = json
             .and_then(|json| serde_json::from_slice(&json).ok())
             .unwrap_or_else(|| ServedRecord::unreadable(key, served_at));
@@ -502,11 +825,11 @@ impl Ledger for EmbeddedLedger {
     }
 
     async fn ready(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.health.ok()
     }
 
     async fn sweep(&self) {
-        if !self.healthy.load(Ordering::Relaxed) {
+        if !self.health.ok() {
             match self.write(StoreOp::Probe).await {
                 Ok(()) => tracing::info!("ledger file writable again; taking claims"),
                 Err(e) => tracing::warn!(error = %e, "ledger file still not writable"),
@@ -548,6 +871,14 @@ mod tests {
         }
     }
 
+    /// Claims and commits each key.
+    async fn serve(ledger: &EmbeddedLedger, keys: &[&str]) {
+        for key in keys {
+            let ticket = claim(ledger, key).await;
+            ledger.commit(&ticket, record(key)).await.unwrap();
+        }
+    }
+
     async fn claim(ledger: &EmbeddedLedger, key: &str) -> Ticket {
         match ledger.claim(key, Duration::from_secs(60)).await.unwrap() {
             ClaimOutcome::Claimed(ticket) => ticket,
@@ -561,10 +892,7 @@ mod tests {
         let path = dir.path().join("sub/ledger.redb");
         {
             let ledger = EmbeddedLedger::open(&path, None).unwrap();
-            for key in ["a", "b"] {
-                let ticket = claim(&ledger, key).await;
-                ledger.commit(&ticket, record(key)).await.unwrap();
-            }
+            serve(&ledger, &["a", "b"]).await;
             let _held = claim(&ledger, "c").await;
             assert_eq!(ledger.reset("b").await.unwrap(), ResetOutcome::Reset);
         }
@@ -725,10 +1053,7 @@ mod tests {
         let path = dir.path().join("ledger.redb");
         {
             let ledger = EmbeddedLedger::open(&path, None).unwrap();
-            for key in ["p/i/kept", "p/i/reset"] {
-                let ticket = claim(&ledger, key).await;
-                ledger.commit(&ticket, record(key)).await.unwrap();
-            }
+            serve(&ledger, &["p/i/kept", "p/i/reset"]).await;
             let ticket = claim(&ledger, "p/i/old").await;
             let mut old = record("p/i/old");
             old.served_at_ms -= 3_600_000;
@@ -784,6 +1109,52 @@ mod tests {
         let path = dir.path().join("ledger.redb");
         let _first = EmbeddedLedger::open(&path, None).unwrap();
         assert!(EmbeddedLedger::open(&path, None).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_record_is_looked_up_in_full_before_the_file_takes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = EmbeddedLedger::open(&dir.path().join("ledger.redb"), None).unwrap();
+        let ticket = claim(&ledger, "p/i/a").await;
+        let committed = record("p/i/a");
+        ledger.commit(&ticket, committed.clone()).await.unwrap();
+        // Journaled now; the file takes it up to `APPLY_WAIT` later.
+        assert_eq!(
+            ledger.lookup("p/i/a").await.unwrap(),
+            KeyState::Served(Arc::new(committed))
+        );
+    }
+
+    #[tokio::test]
+    async fn journaled_records_the_file_lacks_are_moved_in_at_open_and_resets_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.redb");
+        {
+            let ledger = EmbeddedLedger::open(&path, None).unwrap();
+            serve(&ledger, &["p/i/kept", "p/i/reset"]).await;
+            let reset = ledger.reset("p/i/reset").await.unwrap();
+            assert_eq!(reset, ResetOutcome::Reset);
+            ledger.flush().await.unwrap();
+            assert!(journal::segments(&path).unwrap().is_empty());
+        }
+        // What a crash leaves: an entry the file already holds, older than a reset of its key
+        // (sequence 2), and one it never took (3).
+        let mut journal = Journal::new(&path, 7, Arc::default());
+        for (seq, key) in [(2, "p/i/reset"), (3, "p/i/crashed")] {
+            journal.push(seq, KeyDigest::of(key), &record_row(&record(key)));
+        }
+        journal.sync().unwrap();
+        drop(journal);
+
+        let ledger = reopen(&path, None).await;
+        assert!(journal::segments(&path).unwrap().is_empty());
+        let KeyState::Served(crashed) = ledger.lookup("p/i/crashed").await.unwrap() else {
+            panic!("p/i/crashed was journaled, so it is served");
+        };
+        assert_eq!((crashed.key.as_str(), crashed.bytes), ("p/i/crashed", 42));
+        let kept = ledger.claim("p/i/kept", Duration::from_secs(60)).await;
+        assert_eq!(kept.unwrap(), ClaimOutcome::Served);
+        claim(&ledger, "p/i/reset").await;
     }
 
     #[tokio::test]

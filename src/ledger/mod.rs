@@ -3,6 +3,7 @@
 
 mod claims;
 pub mod embedded;
+mod journal;
 pub mod memory;
 pub mod redis;
 pub mod timed;
