@@ -317,7 +317,7 @@ impl EmbeddedLedger {
                 .map_err(|e| unavailable(&e))
         };
         spawn(
-            "oncegate-ledfile",
+            "ledger-file",
             Box::new({
                 let (file, pending, health, closed) = (
                     file.clone(),
@@ -329,7 +329,7 @@ impl EmbeddedLedger {
             }),
         )?;
         spawn(
-            "oncegate-journal",
+            "ledger-journal",
             Box::new({
                 let (pending, health) = (pending.clone(), health.clone());
                 let journal = Journal::new(path, next_segment, closed);

@@ -70,7 +70,7 @@ struct Segment {
 
 /// The writer's end: entries are gathered with `push` and made durable together by `sync`.
 pub struct Journal {
-    /// The ledger file's path; segments are `<path>.journal.<first sequence number>`.
+    /// The ledger file's path; segments are `<path>.journal.<n>`, `n` one higher for each.
     base: PathBuf,
     current: Option<Segment>,
     closed: std::sync::Arc<ClosedSegments>,
