@@ -1,5 +1,6 @@
 //! The proxy's per-request work outside the network: classifying the path, the claim table,
-//! claim + commit through each ledger, and making a synthesized error.
+//! claim + commit through each ledger, the embedded ledger's first use of a key, and making a
+//! synthesized error.
 //! Run with `cargo bench --bench hot_path`; the Redis bench needs `redis-server` on the PATH,
 //! and `ONCEGATE_BENCH_RECORDS` (default 1000000) sets the largest table of the flatness bench.
 
@@ -99,6 +100,51 @@ fn ledgers(c: &mut Criterion) {
     }
 }
 
+/// The embedded ledger's claim of a key it has not seen since the start, with 50k records in the
+/// file: the claim reads the file for the key's row (none), then the claim is released.
+fn embedded_first_use(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bench.redb");
+    let ledger = std::sync::Arc::new(EmbeddedLedger::open(&path, None).unwrap());
+    let lease = Duration::from_secs(600);
+    runtime.block_on(async {
+        let commits: Vec<_> = (0..50_000)
+            .map(|n| {
+                let ledger = ledger.clone();
+                tokio::spawn(async move {
+                    let key = format!("p/i/filled-{n}");
+                    if let Ok(ClaimOutcome::Claimed(ticket)) = ledger.claim(&key, lease).await {
+                        ledger.commit(&ticket, record(key)).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for commit in commits {
+            commit.await.unwrap();
+        }
+        // Written to the file (a reset is answered once the file holds all before it).
+        ledger.reset("p/i/none").await.unwrap();
+    });
+    let mut n = 0u64;
+    c.bench_function("ledger_first_use/embedded", |b| {
+        b.iter(|| {
+            n += 1;
+            let key = format!("p/i/new-{n}");
+            match ledger.claim_now(&key, lease) {
+                Some(Ok(ClaimOutcome::Claimed(ticket))) => {
+                    runtime.block_on(ledger.release(&ticket)).unwrap()
+                }
+                other => panic!("{other:?}"),
+            }
+        })
+    });
+}
+
 fn start_redis(dir: &std::path::Path) -> Option<(std::process::Child, String)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .ok()?
@@ -195,5 +241,13 @@ fn errors(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, route, claims, ledgers, flat_with_size, errors);
+criterion_group!(
+    benches,
+    route,
+    claims,
+    ledgers,
+    embedded_first_use,
+    flat_with_size,
+    errors
+);
 criterion_main!(benches);
