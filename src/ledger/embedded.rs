@@ -488,28 +488,20 @@ fn replay_journal(db: &Database, path: &Path) -> Result<(u64, u64), String> {
     let entries = journal::replay(&segments).map_err(|e| e.to_string())?;
     let applied = applied_through(db).map_err(|e| e.to_string())?;
     let newest = entries.iter().map(|e| e.seq).max().unwrap_or(0);
-    let missing: Vec<_> = entries.into_iter().filter(|e| e.seq > applied).collect();
+    let missing: Vec<Journaled> = entries
+        .into_iter()
+        .filter(|e| e.seq > applied)
+        .map(|e| (e.seq, e.digest, e.row.into()))
+        .collect();
     if !missing.is_empty() {
         tracing::info!(
             records = missing.len(),
             "moving journaled records into the ledger file"
         );
     }
+    // The file thread's own transaction, in steps of `MIGRATE_ROWS`.
     for chunk in missing.chunks(MIGRATE_ROWS) {
-        let mut txn = db.begin_write().map_err(|e| e.to_string())?;
-        txn.set_quick_repair(true);
-        let insert = |txn: &redb::WriteTransaction| -> Result<(), redb::Error> {
-            let mut served = txn.open_table(SERVED)?;
-            for entry in chunk {
-                served.insert(entry.digest.as_u128(), entry.row.as_slice())?;
-            }
-            let last = chunk.iter().map(|e| e.seq).max().unwrap_or(0);
-            txn.open_table(JOURNAL_STATE)?
-                .insert(APPLIED_THROUGH, last)?;
-            Ok(())
-        };
-        insert(&txn).map_err(|e| e.to_string())?;
-        txn.commit().map_err(|e| e.to_string())?;
+        apply(db, chunk, None, &mut 0).map_err(|e| e.to_string())?;
     }
     for (_, segment) in &segments {
         // One left behind is harmless: its entries are in the file now, so skipped next time.
