@@ -575,7 +575,7 @@ fn journal_loop(
 /// Puts the calling thread (the journal's) under `SCHED_BATCH`: a commit queued for it no longer
 /// preempts the thread serving requests, so it runs when that thread waits and takes every commit
 /// queued meanwhile in one fdatasync. With the default policy each wake-up cut in at once and
-/// groups stayed small: ~25 % more CPU per download in paired runs (docs/BENCHMARKS.md).
+/// groups stayed small; paired runs took ~25 % less CPU per download with it (docs/BENCHMARKS.md).
 fn wake_without_preempting() {
     #[cfg(target_os = "linux")]
     {
