@@ -1117,6 +1117,61 @@ mod tests {
         assert_eq!(read.open_table(SERVED).unwrap().len().unwrap(), 1);
     }
 
+    #[test]
+    fn journaled_records_wait_for_room_unless_the_file_fails() {
+        let (pending, health) = (Arc::new(Pending::default()), Arc::new(Health::default()));
+        let row: Arc<[u8]> = Arc::from(&b"row"[..]);
+        let entry = |i: u64, digest: u128| (i + 1, KeyDigest::from_u128(digest), row.clone());
+        let held: Vec<Journaled> = (0..MAX_PENDING as u64)
+            .map(|i| entry(i, i.into()))
+            .collect();
+        let rows = |journaled: &[Journaled]| {
+            let rows: Vec<_> = journaled.iter().map(|(_, d, r)| (*d, r.clone())).collect();
+            rows.into_iter()
+        };
+        pending.insert(rows(&held), held.len(), &health);
+        // One more waits while the file takes none of them...
+        let (inserted, waiting) = mpsc::channel();
+        let one_more = std::thread::spawn({
+            let (pending, health, row) = (pending.clone(), health.clone(), row.clone());
+            move || {
+                let digest = KeyDigest::from_u128(u128::MAX);
+                pending.insert(std::iter::once((digest, row)), 1, &health);
+                inserted.send(()).unwrap();
+            }
+        });
+        assert!(
+            waiting.recv_timeout(Duration::from_millis(300)).is_err(),
+            "a record went past MAX_PENDING while the file took none"
+        );
+        // ...and goes in once the file holds them.
+        pending.applied(&held);
+        waiting
+            .recv_timeout(Duration::from_secs(10))
+            .expect("still waiting after the file took the rows");
+        one_more.join().unwrap();
+        assert_eq!(pending.rows.lock().unwrap().len(), 1);
+
+        // While the file fails nothing leaves, so waiting would hold commits for good: the
+        // records go in (no new claims are taken meanwhile, which bounds them).
+        health.file_fails.store(true, Ordering::Relaxed);
+        let more: Vec<Journaled> = (0..MAX_PENDING as u64)
+            .map(|i| entry(i, (1 << 64) | u128::from(i)))
+            .collect();
+        let (inserted, waiting) = mpsc::channel();
+        std::thread::spawn({
+            let (pending, health) = (pending.clone(), health.clone());
+            move || {
+                pending.insert(rows(&more), more.len(), &health);
+                inserted.send(()).unwrap();
+            }
+        });
+        waiting
+            .recv_timeout(Duration::from_secs(10))
+            .expect("records waited for a file that fails");
+        assert_eq!(pending.rows.lock().unwrap().len(), MAX_PENDING + 1);
+    }
+
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn the_journal_thread_runs_under_sched_batch() {
