@@ -11,6 +11,9 @@
 #   scripts/profile.sh cpu <pid> <port> <unique|repeat>
 #       user and kernel µs per request of any running proxy process (from /proc/<pid>/stat)
 #       over a 6 s wrk run, wrk on CPU 0.
+#   scripts/profile.sh threads <pid> <port> <unique|repeat>
+#       the same run, per thread: CPU µs and voluntary / involuntary context switches per request
+#       (from /proc/<pid>/task/*), e.g. the embedded ledger's request, journal and file threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bench-config.sh
@@ -74,8 +77,29 @@ case ${1:-} in
         printf "%s: %d req/s, user %.1f µs, kernel %.1f µs per request\n",
           kind, n / 6, u * 1e6 / t / n, s * 1e6 / t / n }'
     ;;
+  threads)
+    pid=${2:?pid} port=${3:?port} kind=${4:?unique or repeat}
+    url=$(archive_url "$port" "$kind")
+    # One line per thread: tid, name, CPU ticks, voluntary and involuntary switches.
+    snapshot() {
+      for task in /proc/"$pid"/task/*; do
+        echo "${task##*/} $(tr -c '[:alnum:]\n-' _ <"$task/comm") \
+          $(awk '{print $14 + $15}' "$task/stat") \
+          $(awk '/^(non)?voluntary_ctxt_switches/ {printf "%s ", $2}' "$task/status")"
+      done | LC_ALL=C sort
+    }
+    before=$(snapshot)
+    requests=$(load 6 "$url" "$kind")
+    after=$(snapshot)
+    echo "$kind: $((requests / 6)) req/s; per request:"
+    # Joined by tid: $2-$5 before, $6-$9 after.
+    LC_ALL=C join <(echo "$before") <(echo "$after") |
+      awk -v n="$requests" -v t="$(getconf CLK_TCK)" '$7 > $3 {
+        printf "  %-18s %6.1f µs CPU, %.3f voluntary, %.3f involuntary switches\n",
+          $2, ($7 - $3) * 1e6 / t / n, ($8 - $4) / n, ($9 - $5) / n }'
+    ;;
   *)
-    sed -n '2,15p' "$0"
+    sed -n '2,18p' "$0"
     exit 2
     ;;
 esac
