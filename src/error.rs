@@ -14,6 +14,10 @@ pub const MAX_FIELD_CHARS: usize = 128;
 /// Room for four fields of up to 128 characters and the JSON around them: one allocation.
 const ERROR_BODY_CAPACITY: usize = 640;
 
+/// The most headers a synthesized error carries: `Content-Type`, `Cache-Control`,
+/// `Accept-Ranges`, `Allow` or `Retry-After`, `Connection` and the edge's `X-Request-Id`.
+const ERROR_HEADERS: usize = 6;
+
 /// A failure the proxy answers itself instead of (or instead of continuing) forwarding.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyError {
@@ -156,8 +160,9 @@ impl ProxyError {
         write_json_str(&mut json, truncate(request_id));
         json.push(b'}');
         let mut response = Response::new(crate::body::full(json));
-        // Room for every header set here and below, so the map never grows.
-        *response.headers_mut() = http::HeaderMap::with_capacity(8);
+        // Room for every header set here and the edge's `X-Request-Id`, so the map never grows,
+        // and no more: it stays within the allocator's per-thread cache (a map for 8 does not).
+        *response.headers_mut() = http::HeaderMap::with_capacity(ERROR_HEADERS);
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -266,6 +271,41 @@ mod tests {
         let accented = "é".repeat(200);
         let body = body_of(ProxyError::Internal.into_response(&accented, false));
         assert_eq!(body["request_id"], "é".repeat(MAX_FIELD_CHARS));
+    }
+
+    #[test]
+    fn the_header_map_of_an_error_never_grows() {
+        let every = [
+            ProxyError::MissingToken,
+            ProxyError::BadToken("x"),
+            ProxyError::ProjectForbidden,
+            ProxyError::AlreadyDownloaded,
+            ProxyError::DownloadInProgress,
+            ProxyError::NonCanonicalPath("x"),
+            ProxyError::MethodNotAllowed,
+            ProxyError::BadParameter("x"),
+            ProxyError::RateLimited {
+                retry_after: Duration::from_secs(3),
+            },
+            ProxyError::PayloadTooLarge(1),
+            ProxyError::UpstreamUnreachable("x".into()),
+            ProxyError::UpstreamTimeout,
+            ProxyError::IamUnavailable("x".into()),
+            ProxyError::StoreUnavailable("x".into()),
+            ProxyError::Internal,
+        ];
+        let room = http::HeaderMap::<HeaderValue>::with_capacity(ERROR_HEADERS).capacity();
+        for error in every {
+            let name = format!("{error:?}");
+            let mut response = error.into_response("id-1", true);
+            let headers = response.headers_mut();
+            headers.insert(
+                crate::layers::request_id::X_REQUEST_ID,
+                HeaderValue::from_static("id-1"),
+            );
+            assert!(headers.contains_key(CONNECTION), "{name}");
+            assert_eq!(headers.capacity(), room, "{name}");
+        }
     }
 
     #[test]

@@ -6,8 +6,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use futures_util::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -18,6 +20,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
+use tower::util::Oneshot;
 use tower::{Service, ServiceExt};
 
 use crate::body::ProxyBody;
@@ -49,6 +52,22 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
         .map_err(|e| format!("server.tls_cert/tls_key: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Calls `service` while hyper still holds the connection, rather than on the future's first
+/// poll. The request's headers share hyper's read buffer: a refusal drops them here, before hyper
+/// next reads the connection (to notice a client that hangs up), so it reuses that buffer instead
+/// of allocating a new one. The stack is always ready (its layers refuse per request); should it
+/// ever not be, the call waits for readiness as usual.
+fn call_now<S, R>(mut service: S, request: R) -> Either<S::Future, Oneshot<S, R>>
+where
+    S: Service<R>,
+{
+    match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(Ok(())) => Either::Left(service.call(request)),
+        // Polled again with the connection's waker, which then learns of readiness or the error.
+        Poll::Ready(Err(_)) | Poll::Pending => Either::Right(service.oneshot(request)),
+    }
 }
 
 pub async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, String> {
@@ -124,7 +143,7 @@ pub async fn serve<S>(
         let service = service.clone();
         let hyper_service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(conn);
-            service.clone().oneshot(request)
+            call_now(service.clone(), request)
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
@@ -159,5 +178,63 @@ pub async fn serve<S>(
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(limits.grace) => tracing::warn!("shutdown grace period over; closing remaining connections"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts its calls; not ready until polled `busy_polls` times.
+    #[derive(Clone)]
+    struct Counting {
+        calls: Arc<AtomicUsize>,
+        busy_polls: Arc<AtomicUsize>,
+    }
+
+    impl Service<&'static str> for Counting {
+        type Response = &'static str;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<&'static str, Infallible>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            if self.busy_polls.load(Ordering::SeqCst) == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            self.busy_polls.fetch_sub(1, Ordering::SeqCst);
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+
+        fn call(&mut self, request: &'static str) -> Self::Future {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(Ok(request))
+        }
+    }
+
+    fn counting(busy_polls: usize) -> Counting {
+        Counting {
+            calls: Arc::default(),
+            busy_polls: Arc::new(AtomicUsize::new(busy_polls)),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_ready_stack_is_called_before_its_future_is_polled() {
+        let service = counting(0);
+        let answer = call_now(service.clone(), "request");
+        assert_eq!(service.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(answer.await, Ok("request"));
+    }
+
+    #[tokio::test]
+    async fn a_busy_stack_is_called_once_it_is_ready() {
+        let service = counting(2);
+        let answer = call_now(service.clone(), "request");
+        assert_eq!(service.calls.load(Ordering::SeqCst), 0);
+        assert_eq!(answer.await, Ok("request"));
+        assert_eq!(service.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(service.busy_polls.load(Ordering::SeqCst), 0);
     }
 }

@@ -133,8 +133,9 @@ impl Default for AccessNote {
 pub struct Entry {
     started: Instant,
     method: http::Method,
-    /// Cloning a `Uri` shares its bytes: no copy of the path per request.
-    uri: http::Uri,
+    /// A copy: a shared `Uri` would keep hyper's read buffer in use for the whole request, and
+    /// hyper then allocates a new one for its next read on the connection.
+    path: Box<str>,
     note: Arc<AccessNote>,
     span: tracing::Span,
 }
@@ -144,7 +145,7 @@ impl Entry {
         Entry {
             started: Instant::now(),
             method: request.method().clone(),
-            uri: request.uri().clone(),
+            path: request.uri().path().into(),
             note,
             span,
         }
@@ -192,7 +193,7 @@ impl LoggedBody {
         let _enter = entry.span.enter();
         tracing::info!(
             target: "oncegate::access",
-            request_id = entry.note.request_id(), method = %entry.method, path = %entry.uri.path(),
+            request_id = entry.note.request_id(), method = %entry.method, path = %entry.path,
             status, duration_ms, bytes = self.bytes, archive, outcome,
             "request"
         );
