@@ -14,6 +14,11 @@
 #   scripts/profile.sh threads <pid> <port> <unique|repeat>
 #       the same run, per thread: CPU µs and voluntary / involuntary context switches per request
 #       (from /proc/<pid>/task/*), e.g. the embedded ledger's request, journal and file threads.
+#   scripts/profile.sh floor <unique|repeat> [rounds]
+#       the floor under oncegate (examples/floor.rs: its listener and upstream pool, no layers)
+#       next to a peer (nginx forwarding for unique, the haproxy download-once peer for repeat)
+#       and oncegate with the memory ledger, taking turns, each pinned to CPU 1: req/s and CPU µs
+#       per request, 6 s each. Builds both release binaries first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bench-config.sh
@@ -98,8 +103,62 @@ case ${1:-} in
         printf "  %-18s %6.1f µs CPU, %.3f voluntary, %.3f involuntary switches\n",
           $2, ($7 - $3) * 1e6 / t / n, ($8 - $4) / n, ($9 - $5) / n }'
     ;;
+  floor)
+    kind=${2:?unique or repeat} rounds=${3:-3}
+    cargo build --release --locked --bin oncegate --example floor
+    dir=$(mktemp -d)
+    trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$dir"' EXIT
+    bench_config "$dir/oncegate.toml" 18099 'kind = "memory"'
+    # The running process's pid once its port answers.
+    start() {
+      local port=$1
+      shift
+      taskset -c 1 "$@" >/dev/null 2>&1 &
+      pid=$!
+      for _ in $(seq 100); do
+        curl -s -o /dev/null "http://127.0.0.1:$port/" && return
+        sleep 0.1
+      done
+    }
+    # One row: name, req/s, CPU µs per request of process <pid> serving port <port>.
+    row() {
+      local name=$1 pid=$2 port=$3 url
+      url=$(archive_url "$port" "$kind")
+      load 1 "$url" "$kind" >/dev/null
+      local ticks0 ticks1 requests
+      ticks0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+      requests=$(load 6 "$url" "$kind")
+      ticks1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+      awk -v name="$name" -v n="$requests" -v t=$((ticks1 - ticks0)) -v hz="$(getconf CLK_TCK)" \
+        'BEGIN { printf "  %-9s %7d req/s %6.2f µs CPU per request\n", name, n / 6, t * 1e6 / hz / n }'
+    }
+    stop() {
+      kill "$pid"
+      wait "$pid" 2>/dev/null || true
+    }
+    nginx_worker=$(pgrep -f 'nginx: worker' | while read -r p; do
+      grep -q proxy-nginx "/proc/$(awk '{print $4}' "/proc/$p/stat")/cmdline" && echo "$p"
+    done | head -1)
+    for round in $(seq "$rounds"); do
+      echo "round $round ($kind):"
+      if [[ $kind == repeat ]]; then
+        BENCH_THREADS=1 start 18086 haproxy -db -f "$harness/conf/haproxy-once.cfg"
+        row hx_once "$pid" 18086
+        stop
+        start 18098 target/release/examples/floor refuse 127.0.0.1:18098
+      else
+        row nginx "$nginx_worker" 18081
+        start 18098 target/release/examples/floor forward 127.0.0.1:18098 http://127.0.0.1:18080
+      fi
+      row floor "$pid" 18098
+      stop
+      TOKIO_WORKER_THREADS=1 start 18099 target/release/oncegate run --config "$dir/oncegate.toml"
+      row oncegate "$pid" 18099
+      stop
+    done
+    ;;
   *)
-    sed -n '2,18p' "$0"
+    sed -n '2,21p' "$0"
     exit 2
     ;;
 esac
