@@ -3,15 +3,20 @@
 //!
 //! ```sh
 //! cargo run --release --example floor -- forward 127.0.0.1:18098 http://127.0.0.1:18080
+//! cargo run --release --example floor -- forward 127.0.0.1:18098 http://127.0.0.1:18080 redis://127.0.0.1:18379
 //! cargo run --release --example floor -- refuse 127.0.0.1:18098
 //! ```
-//! `forward` sends every request to the upstream as it came and streams the answer back;
-//! `refuse` answers every request with a 403 shaped like oncegate's refusal (same headers, a body
-//! of the same length), reading nothing but the request head. `scripts/profile.sh floor` runs
-//! either next to nginx, haproxy and oncegate (docs/BENCHMARKS.md).
+//! `forward` sends every request to the upstream as it came and streams the answer back; given a
+//! ledger (`memory`, or a Redis URL for oncegate's Redis ledger) it first claims the request's
+//! path there and commits a record once the upstream's 2xx headers are in (a path already served
+//! gets the refusal). `refuse` answers every request with a 403 shaped like oncegate's refusal
+//! (same headers, a body of the same length), reading nothing but the request head.
+//! `scripts/profile.sh floor` runs these next to nginx, haproxy and oncegate
+//! (docs/BENCHMARKS.md).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,6 +25,9 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use oncegate::body::ProxyBody;
+use oncegate::ledger::memory::MemoryLedger;
+use oncegate::ledger::redis::RedisLedger;
+use oncegate::ledger::{now_ms, ClaimOutcome, Ledger, ServedRecord};
 use oncegate::pool::Pool;
 use oncegate::server::{serve, Limits};
 
@@ -45,8 +53,56 @@ fn refusal() -> Response<ProxyBody> {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: floor forward <listen> <upstream url> | floor refuse <listen>");
+    eprintln!(
+        "usage: floor forward <listen> <upstream url> [memory | <redis url>] | floor refuse <listen>"
+    );
     std::process::exit(2)
+}
+
+const LEASE: Duration = Duration::from_secs(60);
+
+/// Forwards `request` through `pool`; with a ledger, only on a won claim of its path, and the
+/// record is committed before the response goes back.
+async fn forward(
+    pool: Pool<Incoming>,
+    ledger: Option<Arc<dyn Ledger>>,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let claim = match &ledger {
+        None => None,
+        Some(ledger) => {
+            let key = request.uri().path().to_string();
+            match ledger.claim(&key, LEASE).await {
+                Ok(ClaimOutcome::Claimed(ticket)) => Some((ledger, ticket)),
+                _ => return refusal(),
+            }
+        }
+    };
+    let response = match pool.request(request).await {
+        Ok(response) => response,
+        Err(_) => return status(StatusCode::BAD_GATEWAY),
+    };
+    if let Some((ledger, ticket)) = claim {
+        let record = ServedRecord {
+            key: ticket.key.clone(),
+            served_at_ms: now_ms(),
+            request_id: "00000000000000000000000000000000".into(),
+            bytes: 42,
+            client: "127.0.0.1".into(),
+            token_sha256_prefix: "0123456789abcdef".into(),
+            user_id: None,
+        };
+        if ledger.commit(&ticket, record).await.is_err() {
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    }
+    response.map(|body| body.map_err(oncegate::body::BoxError::from).boxed_unsync())
+}
+
+fn status(status: StatusCode) -> Response<ProxyBody> {
+    let mut response = Response::new(oncegate::body::empty());
+    *response.status_mut() = status;
+    response
 }
 
 fn main() {
@@ -85,20 +141,16 @@ fn main() {
                 };
                 let pool = Pool::<Incoming>::new(scheme, authority, Duration::from_secs(5), None)
                     .unwrap_or_else(|e| panic!("{e}"));
+                let ledger: Option<Arc<dyn Ledger>> = match args.get(3).map(String::as_str) {
+                    None => None,
+                    Some("memory") => Some(Arc::new(MemoryLedger::new(None))),
+                    Some(url) => Some(Arc::new(
+                        RedisLedger::new(url, "floor:", None).unwrap_or_else(|e| panic!("{e}")),
+                    )),
+                };
                 let service = tower::service_fn(move |request: Request<Incoming>| {
-                    let pool = pool.clone();
-                    async move {
-                        Ok::<_, Infallible>(match pool.request(request).await {
-                            Ok(response) => response.map(|body| {
-                                body.map_err(oncegate::body::BoxError::from).boxed_unsync()
-                            }),
-                            Err(_) => {
-                                let mut response = Response::new(oncegate::body::full(""));
-                                *response.status_mut() = StatusCode::BAD_GATEWAY;
-                                response
-                            }
-                        })
-                    }
+                    let answer = forward(pool.clone(), ledger.clone(), request);
+                    async move { Ok::<_, Infallible>(answer.await) }
                 });
                 serve(listener, None, service, forever, limits).await
             }

@@ -14,11 +14,13 @@
 #   scripts/profile.sh threads <pid> <port> <unique|repeat>
 #       the same run, per thread: CPU µs and voluntary / involuntary context switches per request
 #       (from /proc/<pid>/task/*), e.g. the embedded ledger's request, journal and file threads.
-#   scripts/profile.sh floor <unique|repeat> [rounds]
+#   scripts/profile.sh floor <unique|repeat|redis> [rounds]
 #       the floor under oncegate (examples/floor.rs: its listener and upstream pool, no layers)
 #       next to a peer (nginx forwarding for unique, the haproxy download-once peer for repeat)
 #       and oncegate with the memory ledger, taking turns, each pinned to CPU 1: req/s and CPU µs
-#       per request, 6 s each. Builds both release binaries first.
+#       per request, 6 s each. `redis`: the floor with the memory and with the Redis ledger's
+#       claim and commit, then oncegate with each (a private redis-server on port 18379).
+#       Builds both release binaries first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bench-config.sh
@@ -104,10 +106,10 @@ case ${1:-} in
           $2, ($7 - $3) * 1e6 / t / n, ($8 - $4) / n, ($9 - $5) / n }'
     ;;
   floor)
-    kind=${2:?unique or repeat} rounds=${3:-3}
+    kind=${2:?unique, repeat or redis} rounds=${3:-3}
     cargo build --release --locked --bin oncegate --example floor
     dir=$(mktemp -d)
-    trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$dir"' EXIT
+    trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$dir"' EXIT
     bench_config "$dir/oncegate.toml" 18099 'kind = "memory"'
     # The running process's pid once its port answers.
     start() {
@@ -130,7 +132,7 @@ case ${1:-} in
       requests=$(load 6 "$url" "$kind")
       ticks1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
       awk -v name="$name" -v n="$requests" -v t=$((ticks1 - ticks0)) -v hz="$(getconf CLK_TCK)" \
-        'BEGIN { printf "  %-9s %7d req/s %6.2f µs CPU per request\n", name, n / 6, t * 1e6 / hz / n }'
+        'BEGIN { printf "  %-12s %7d req/s %6.2f µs CPU per request\n", name, n / 6, t * 1e6 / hz / n }'
     }
     stop() {
       kill "$pid"
@@ -139,26 +141,55 @@ case ${1:-} in
     nginx_worker=$(pgrep -f 'nginx: worker' | while read -r p; do
       grep -q proxy-nginx "/proc/$(awk '{print $4}' "/proc/$p/stat")/cmdline" && echo "$p"
     done | head -1)
+    floor_forward=(target/release/examples/floor forward 127.0.0.1:18098 http://127.0.0.1:18080)
+    if [[ $kind == redis ]]; then
+      # A private redis-server, as scripts/bench.sh starts it (unpinned).
+      redis_url=redis://127.0.0.1:18379
+      trap 'kill $(jobs -p) 2>/dev/null || true; redis-cli -p 18379 shutdown nosave >/dev/null 2>&1; rm -rf "$dir"' EXIT
+      redis-cli -p 18379 shutdown nosave >/dev/null 2>&1 || true
+      redis-server --port 18379 --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+        --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
+      until redis-cli -p 18379 ping >/dev/null 2>&1; do sleep 0.1; done
+      bench_config "$dir/redis.toml" 18099 "kind = \"redis\"
+url = \"$redis_url\""
+    fi
     for round in $(seq "$rounds"); do
       echo "round $round ($kind):"
-      if [[ $kind == repeat ]]; then
-        BENCH_THREADS=1 start 18086 haproxy -db -f "$harness/conf/haproxy-once.cfg"
-        row hx_once "$pid" 18086
-        stop
-        start 18098 target/release/examples/floor refuse 127.0.0.1:18098
-      else
-        row nginx "$nginx_worker" 18081
-        start 18098 target/release/examples/floor forward 127.0.0.1:18098 http://127.0.0.1:18080
-      fi
-      row floor "$pid" 18098
-      stop
+      case $kind in
+        repeat)
+          BENCH_THREADS=1 start 18086 haproxy -db -f "$harness/conf/haproxy-once.cfg"
+          row hx_once "$pid" 18086
+          stop
+          start 18098 target/release/examples/floor refuse 127.0.0.1:18098
+          row floor "$pid" 18098
+          stop
+          ;;
+        redis)
+          for ledger in memory "$redis_url"; do
+            start 18098 "${floor_forward[@]}" "$ledger"
+            row "floor_${ledger%%:*}" "$pid" 18098
+            stop
+          done
+          ;;
+        *)
+          row nginx "$nginx_worker" 18081
+          start 18098 "${floor_forward[@]}"
+          row floor "$pid" 18098
+          stop
+          ;;
+      esac
       TOKIO_WORKER_THREADS=1 start 18099 target/release/oncegate run --config "$dir/oncegate.toml"
       row oncegate "$pid" 18099
       stop
+      if [[ $kind == redis ]]; then
+        TOKIO_WORKER_THREADS=1 start 18099 target/release/oncegate run --config "$dir/redis.toml"
+        row og_redis "$pid" 18099
+        stop
+      fi
     done
     ;;
   *)
-    sed -n '2,21p' "$0"
+    sed -n '2,23p' "$0"
     exit 2
     ;;
 esac
