@@ -120,8 +120,15 @@ impl RedisLedger {
         redis_key
     }
 
-    fn ticket_value(ticket: &Ticket) -> String {
-        format!("c:{:016x}", ticket.id)
+    /// `c:` and the ticket's id in 16 lowercase hex digits. Built by hand: twice per download,
+    /// and `format!` costs several times as much.
+    fn ticket_value(ticket: &Ticket) -> [u8; 18] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut value = *b"c:0000000000000000";
+        for (index, digit) in value[2..].iter_mut().enumerate() {
+            *digit = HEX[(ticket.id >> (60 - 4 * index)) as usize & 0xf];
+        }
+        value
     }
 
     async fn run<T: redis::FromRedisValue>(
@@ -223,10 +230,12 @@ impl Ledger for RedisLedger {
         };
         // One atomic command (Redis 7.0+): set unless present, answering what was there. A
         // plain command costs the server less than a script.
-        let mut command = redis::cmd("SET");
+        // Sized up front: growing the argument buffers costs more than the command's own work.
+        let mut command = redis::Cmd::with_capacity(7, self.prefix.len() + key.len() + 48);
         command
+            .arg("SET")
             .arg(self.redis_key(key))
-            .arg(Self::ticket_value(&ticket))
+            .arg(&Self::ticket_value(&ticket)[..])
             .arg("NX")
             .arg("PX")
             .arg(lease.as_millis().max(1) as u64)
@@ -248,7 +257,7 @@ impl Ledger for RedisLedger {
         let mut invocation = self.scripts.renew.prepare_invoke();
         invocation
             .key(self.redis_key(&ticket.key))
-            .arg(Self::ticket_value(ticket))
+            .arg(&Self::ticket_value(ticket)[..])
             .arg(lease.as_millis().max(1) as u64);
         match self.run::<i64>(invocation).await? {
             1 => Ok(()),
@@ -266,7 +275,7 @@ impl Ledger for RedisLedger {
         let mut invocation = self.scripts.commit.prepare_invoke();
         invocation
             .key(self.redis_key(&ticket.key))
-            .arg(Self::ticket_value(ticket))
+            .arg(&Self::ticket_value(ticket)[..])
             .arg(served)
             .arg(retention_ms);
         match self.run::<i64>(invocation).await? {
@@ -282,7 +291,7 @@ impl Ledger for RedisLedger {
         let mut invocation = self.scripts.release.prepare_invoke();
         invocation
             .key(self.redis_key(&ticket.key))
-            .arg(Self::ticket_value(ticket));
+            .arg(&Self::ticket_value(ticket)[..]);
         self.run::<i64>(invocation).await.map(|_| ())
     }
 
