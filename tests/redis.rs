@@ -308,3 +308,66 @@ async fn rediss_urls_speak_tls_with_the_system_trust_store() {
     );
     drop(redis);
 }
+
+/// Redis forgets its scripts on a restart or `SCRIPT FLUSH`; the ledger loads them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_redis_has_forgotten_are_loaded_again() {
+    use oncegate::ledger::redis::RedisLedger;
+    use oncegate::ledger::{ClaimOutcome, KeyState, Ledger, ServedRecord};
+
+    let redis = RedisServer::start();
+    let ledger = RedisLedger::new(&redis.url(), "flush:", None).unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let admin = client.get_multiplexed_async_connection().await.unwrap();
+    let lease = Duration::from_secs(30);
+    let forget_scripts = || {
+        let mut admin = admin.clone();
+        async move {
+            let () = redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+        }
+    };
+    let claim = |key: &'static str| {
+        let ledger = &ledger;
+        async move {
+            match ledger.claim(key, lease).await.unwrap() {
+                ClaimOutcome::Claimed(ticket) => ticket,
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+    };
+
+    let ticket = claim("a").await;
+    forget_scripts().await;
+    ledger.renew(&ticket, lease).await.unwrap();
+    forget_scripts().await;
+    ledger
+        .commit(&ticket, ServedRecord::unreadable("a", 1))
+        .await
+        .unwrap();
+    assert!(matches!(
+        ledger.lookup("a").await.unwrap(),
+        KeyState::Served(_)
+    ));
+
+    let ticket = claim("b").await;
+    forget_scripts().await;
+    ledger.release(&ticket).await.unwrap();
+    assert!(matches!(
+        ledger.lookup("b").await.unwrap(),
+        KeyState::Unseen
+    ));
+
+    forget_scripts().await;
+    assert_eq!(
+        ledger.reset("a").await.unwrap(),
+        oncegate::ledger::ResetOutcome::Reset
+    );
+    assert!(matches!(
+        ledger.lookup("a").await.unwrap(),
+        KeyState::Unseen
+    ));
+}

@@ -131,17 +131,40 @@ impl RedisLedger {
         value
     }
 
+    /// `EVALSHA` of `script` for `keys` keys, with room for `args` more arguments of about
+    /// `bytes` bytes in all; the keys and arguments follow.
+    fn evalsha(script: &Script, keys: usize, args: usize, bytes: usize) -> redis::Cmd {
+        let mut command =
+            redis::Cmd::with_capacity(3 + keys + args, 16 + script.get_hash().len() + bytes);
+        command.arg("EVALSHA").arg(script.get_hash()).arg(keys);
+        command
+    }
+
+    /// Runs a command from `evalsha`; where Redis does not know the script (a restart, a
+    /// `SCRIPT FLUSH`), loads it and runs the command again.
     async fn run<T: redis::FromRedisValue>(
         &self,
-        invocation: redis::ScriptInvocation<'_>,
+        script: &Script,
+        command: redis::Cmd,
     ) -> Result<T, LedgerError> {
         let mut connection = self.connection.clone();
-        within_time(invocation.invoke_async(&mut connection)).await
+        within_time(async {
+            match send(&mut connection, &command).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    script.load_async(&mut connection).await?;
+                    send(&mut connection, &command).await
+                }
+                answer => answer,
+            }
+        })
+        .await
     }
 
     async fn query<T: redis::FromRedisValue>(&self, command: redis::Cmd) -> Result<T, LedgerError> {
         let mut connection = self.connection.clone();
-        within_time(command.query_async(&mut connection)).await
+        within_time(send(&mut connection, &command)).await
     }
 
     fn cache_served(&self, digest: KeyDigest, record: &ServedRecord) {
@@ -173,6 +196,16 @@ impl RedisLedger {
             },
         }
     }
+}
+
+/// One command's answer. Through the connection manager's own method: `query_async` and
+/// `invoke_async` box a 1.3 KiB future per command, past the allocator's per-thread cache.
+async fn send<T: redis::FromRedisValue>(
+    connection: &mut ConnectionManager,
+    command: &redis::Cmd,
+) -> redis::RedisResult<T> {
+    let value = connection.send_packed_command(command).await?;
+    Ok(redis::from_redis_value(value.extract_error()?)?)
 }
 
 /// A command's answer, or `Unavailable` when it fails or takes longer than `COMMAND_TIMEOUT`
@@ -254,12 +287,13 @@ impl Ledger for RedisLedger {
     }
 
     async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<(), LedgerError> {
-        let mut invocation = self.scripts.renew.prepare_invoke();
-        invocation
-            .key(self.redis_key(&ticket.key))
+        let script = &self.scripts.renew;
+        let mut command = Self::evalsha(script, 1, 2, ticket.key.len() + 64);
+        command
+            .arg(self.redis_key(&ticket.key))
             .arg(&Self::ticket_value(ticket)[..])
             .arg(lease.as_millis().max(1) as u64);
-        match self.run::<i64>(invocation).await? {
+        match self.run::<i64>(script, command).await? {
             1 => Ok(()),
             _ => Err(LedgerError::LostClaim(ticket.key.clone())),
         }
@@ -272,13 +306,14 @@ impl Ledger for RedisLedger {
         serde_json::to_writer(&mut served, &record)
             .map_err(|e| LedgerError::Unavailable(e.to_string()))?;
         let retention_ms = self.retention.map_or(0, |r| r.as_millis().max(1) as u64);
-        let mut invocation = self.scripts.commit.prepare_invoke();
-        invocation
-            .key(self.redis_key(&ticket.key))
+        let script = &self.scripts.commit;
+        let mut command = Self::evalsha(script, 1, 3, ticket.key.len() + served.len() + 64);
+        command
+            .arg(self.redis_key(&ticket.key))
             .arg(&Self::ticket_value(ticket)[..])
             .arg(served)
             .arg(retention_ms);
-        match self.run::<i64>(invocation).await? {
+        match self.run::<i64>(script, command).await? {
             1 => {
                 self.cache_served(ticket.digest, &record);
                 Ok(())
@@ -288,11 +323,12 @@ impl Ledger for RedisLedger {
     }
 
     async fn release(&self, ticket: &Ticket) -> Result<(), LedgerError> {
-        let mut invocation = self.scripts.release.prepare_invoke();
-        invocation
-            .key(self.redis_key(&ticket.key))
+        let script = &self.scripts.release;
+        let mut command = Self::evalsha(script, 1, 1, ticket.key.len() + 48);
+        command
+            .arg(self.redis_key(&ticket.key))
             .arg(&Self::ticket_value(ticket)[..]);
-        self.run::<i64>(invocation).await.map(|_| ())
+        self.run::<i64>(script, command).await.map(|_| ())
     }
 
     async fn lookup(&self, key: &str) -> Result<KeyState, LedgerError> {
@@ -303,12 +339,13 @@ impl Ledger for RedisLedger {
     }
 
     async fn reset(&self, key: &str) -> Result<ResetOutcome, LedgerError> {
-        let mut invocation = self.scripts.reset.prepare_invoke();
-        invocation
-            .key(self.redis_key(key))
-            .key(format!("{}resets", self.prefix))
+        let script = &self.scripts.reset;
+        let mut command = Self::evalsha(script, 2, 1, 2 * key.len() + 3 * self.prefix.len() + 16);
+        command
+            .arg(self.redis_key(key))
+            .arg(format!("{}resets", self.prefix))
             .arg(key);
-        let outcome = match self.run::<i64>(invocation).await? {
+        let outcome = match self.run::<i64>(script, command).await? {
             1 => ResetOutcome::Reset,
             2 => ResetOutcome::InFlight,
             _ => ResetOutcome::Unseen,
