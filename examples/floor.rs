@@ -78,11 +78,15 @@ async fn forward(
             }
         }
     };
-    let response = match pool.request(request).await {
-        Ok(response) => response,
-        Err(_) => return status(StatusCode::BAD_GATEWAY),
+    let response = pool.request(request).await;
+    let served = response.as_ref().is_ok_and(|r| r.status().is_success());
+    if let Some((ledger, ticket)) = claim.as_ref().filter(|_| !served) {
+        let _ = ledger.release(ticket).await;
+    }
+    let Ok(response) = response else {
+        return status(StatusCode::BAD_GATEWAY);
     };
-    if let Some((ledger, ticket)) = claim {
+    if let Some((ledger, ticket)) = claim.filter(|_| served) {
         let record = ServedRecord {
             key: ticket.key.clone(),
             served_at_ms: now_ms(),

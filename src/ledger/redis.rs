@@ -263,7 +263,7 @@ impl Ledger for RedisLedger {
         };
         // One atomic command (Redis 7.0+): set unless present, answering what was there. A
         // plain command costs the server less than a script.
-        // Sized up front: growing the argument buffers costs more than the command's own work.
+        // Sized up front, so its buffers never grow while the arguments go in.
         let mut command = redis::Cmd::with_capacity(7, self.prefix.len() + key.len() + 48);
         command
             .arg("SET")
