@@ -233,6 +233,7 @@ async fn the_token_never_appears_in_logs() {
         assert!(!refused[field].is_null(), "{field} missing in {refused}");
     }
     assert_eq!(refused["outcome"], "refused_served");
+    assert_eq!(refused["path"], archive.as_str());
     assert_eq!(refused["archive"], "proj/inst/logged");
     assert_eq!(refused["status"], 403);
     let outcomes: Vec<&str> = access
