@@ -3,11 +3,12 @@
 # goes"). Needs the harness's servers (upstream on :18080, nginx :18081, haproxy :18082):
 #   bash ../shared/bench/servers.sh start pinned
 #
-#   scripts/profile.sh instructions <unique|repeat>
-#       user-space instructions per request of target/release/oncegate (memory ledger) under
-#       valgrind's callgrind, counted over a 5 s wrk run after a 2 s warm-up; deterministic to
-#       about 0.1 %, unlike times on this VM. callgrind emulates no SHA extensions, so each
-#       SHA-256 digest costs ~3.4k instructions here against ~100 ns natively.
+#   scripts/profile.sh instructions <unique|repeat> [memory|redis://host:port]
+#       user-space instructions per request of target/release/oncegate (memory ledger, or the
+#       Redis ledger on a redis-server already running there) under valgrind's callgrind,
+#       counted over a 5 s wrk run after a 2 s warm-up; deterministic to about 0.1 %, unlike
+#       times on this VM. callgrind emulates no SHA extensions, so each SHA-256 digest costs
+#       ~3.4k instructions here against ~100 ns natively. CALLGRIND_OUT=<file> keeps the profile.
 #   scripts/profile.sh cpu <pid> <port> <unique|repeat>
 #       user and kernel µs per request of any running proxy process (from /proc/<pid>/stat)
 #       over a 6 s wrk run, wrk on CPU 0.
@@ -49,11 +50,14 @@ load() {
 
 case ${1:-} in
   instructions)
-    kind=${2:?unique or repeat}
+    kind=${2:?unique or repeat} ledger=${3:-memory}
     dir=$(mktemp -d)
     trap 'rm -rf "$dir"' EXIT
     port=18099
-    bench_config "$dir/oncegate.toml" "$port" 'kind = "memory"'
+    store='kind = "memory"'
+    [[ $ledger == redis://* ]] && store="kind = \"redis\"
+url = \"$ledger\""
+    bench_config "$dir/oncegate.toml" "$port" "$store"
     TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$dir/cg.out" \
       target/release/oncegate run --config "$dir/oncegate.toml" 2>/dev/null &
     pid=$!
@@ -70,7 +74,8 @@ case ${1:-} in
     wait "$pid" 2>/dev/null || true
     dump=$(ls -t "$dir"/cg.out.* | head -1)
     instructions=$(grep -m1 '^summary:' "$dump" | awk '{print $2}')
-    echo "$kind: $requests requests, $((instructions / requests)) instructions per request"
+    [[ -n ${CALLGRIND_OUT:-} ]] && cp "$dump" "$CALLGRIND_OUT"
+    echo "$kind ($ledger): $requests requests, $((instructions / requests)) instructions per request"
     ;;
   cpu)
     pid=${2:?pid} port=${3:?port} kind=${4:?unique or repeat}
