@@ -31,6 +31,10 @@ use oncegate::ledger::{now_ms, ClaimOutcome, Ledger, ServedRecord};
 use oncegate::pool::Pool;
 use oncegate::server::{serve, Limits};
 
+/// The proxy's allocator (src/main.rs), so the floor is measured on the same footing.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// As long as oncegate's refusal of an already served archive, request id included.
 const REFUSAL: &str = concat!(
     r#"{"error_code":"ROMA.00000101","error_msg":"asset package already downloaded","#,

@@ -18,6 +18,10 @@ use futures_util::StreamExt;
 use oncegate::ledger::embedded::EmbeddedLedger;
 use oncegate::ledger::{now_ms, ClaimOutcome, Ledger, ServedRecord};
 
+/// The proxy's allocator (src/main.rs), so the memory measured here is what it would hold.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const LEASE: Duration = Duration::from_secs(600);
 /// Commits waiting at once (`ONCEGATE_SCALE_CONCURRENCY`): enough to fill the writer's batches.
 fn concurrency() -> usize {
