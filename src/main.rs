@@ -10,7 +10,7 @@ use oncegate::config::Config;
 /// mimalloc: with 64 requests in flight glibc's per-thread cache (7 chunks per size) missed on
 /// most sizes, and its slow path took ~10 % of a download's instructions (docs/BENCHMARKS.md).
 /// Built without transparent huge pages (`no_thp`), which grew resident memory 2 MiB at a time,
-/// past SPEC §3's bound. Set here, not in the library, so the fuzz targets keep the system
+/// to SPEC §3's bound and past it. Set here, not in the library, so the fuzz targets keep the system
 /// allocator their sanitizer watches; the measuring examples set the same.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -558,6 +558,18 @@ impl Process {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     }
+
+    /// Resident memory in transparent huge pages, from `/proc/<pid>/smaps_rollup`.
+    pub fn huge_page_kib(&self) -> u64 {
+        let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", self.pid()))
+            .unwrap_or_default();
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix("AnonHugePages:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
 }
 
 impl Drop for Process {
