@@ -549,26 +549,28 @@ impl Process {
 
     /// Resident memory in KiB, from /proc.
     pub fn rss_kib(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
+        self.proc_field("status", "VmRSS:").unwrap_or(0)
+    }
+
+    /// Resident memory in transparent huge pages, in KiB.
+    pub fn huge_page_kib(&self) -> u64 {
+        self.proc_field("smaps_rollup", "AnonHugePages:")
             .unwrap_or(0)
     }
 
-    /// Resident memory in transparent huge pages, from `/proc/<pid>/smaps_rollup`.
-    pub fn huge_page_kib(&self) -> u64 {
-        let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", self.pid()))
-            .unwrap_or_default();
-        rollup
-            .lines()
-            .find_map(|l| l.strip_prefix("AnonHugePages:"))
+    /// Whether the kernel may give the process transparent huge pages; `None` on kernels that
+    /// do not say (before 5.0).
+    pub fn may_use_huge_pages(&self) -> Option<bool> {
+        self.proc_field("status", "THP_enabled:").map(|v| v != 0)
+    }
+
+    /// The number after `label` in `/proc/<pid>/<file>`.
+    fn proc_field(&self, file: &str, label: &str) -> Option<u64> {
+        let text = std::fs::read_to_string(format!("/proc/{}/{file}", self.pid())).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(label))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
     }
 }
 
