@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, RwLock};
+use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
@@ -14,6 +14,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
 use super::claims::DigestHasher;
+use super::digest_filter::{DigestFilter, FileDigests};
 use super::journal::{self, ClosedSegments, Journal};
 use super::{
     retention_over, ClaimMap, ClaimOutcome, KeyDigest, KeyState, Ledger, LedgerError, ResetOutcome,
@@ -72,6 +73,16 @@ const FILE_SWEEP_ROWS: usize = 50_000;
 /// few MiB; the OS caches the rest of the file anyway.
 const PAGE_CACHE_BYTES: usize = 64 << 20;
 
+/// The fewest digests a filter of the file's digests is sized for (~384 KiB of filter).
+const MIN_FILTER_DIGESTS: usize = if cfg!(test) { 16 } else { 1 << 18 };
+
+/// How often the filter thread checks whether the filter in use is full.
+const FILTER_CHECK: Duration = Duration::from_millis(if cfg!(test) { 20 } else { 1000 });
+
+/// Rows read per read transaction while a filter is built: a long-lived read would keep redb
+/// from reusing the pages the file thread frees meanwhile.
+const FILTER_SCAN_ROWS: usize = if cfg!(test) { 4 } else { 50_000 };
+
 enum StoreOp {
     /// A record, by its key's digest: journaled, then moved into the file.
     Put(KeyDigest, ServedRecord),
@@ -106,6 +117,9 @@ struct Pending {
     rows: Mutex<HashMap<KeyDigest, Arc<[u8]>, BuildHasherDefault<DigestHasher>>>,
     /// Signalled when rows leave, for a journal thread waiting at `MAX_PENDING`.
     shrunk: Condvar,
+    /// Every digest the file holds or is about to take; rows enter it under `rows`' lock, so a
+    /// filter being built sees each of them either here or in the file.
+    digests: FileDigests,
 }
 
 impl Pending {
@@ -121,9 +135,7 @@ impl Pending {
         more: usize,
         health: &Health,
     ) {
-        let Ok(mut pending) = self.rows.lock() else {
-            return;
-        };
+        let mut pending = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
         while pending.len() + more > MAX_PENDING
             && !pending.is_empty()
             && !health.file_fails.load(Ordering::Relaxed)
@@ -136,7 +148,20 @@ impl Pending {
                 Err(_) => return,
             }
         }
-        pending.extend(rows);
+        for (digest, row) in rows {
+            self.digests.insert(digest);
+            pending.insert(digest, row);
+        }
+    }
+
+    /// Starts building `filter`: from now on it takes every new row's digest, and here those of
+    /// the rows the file may not hold yet.
+    fn begin_filter(&self, filter: Arc<DigestFilter>) {
+        let pending = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
+        self.digests.begin_build(filter.clone());
+        for digest in pending.keys() {
+            filter.insert(*digest);
+        }
     }
 
     /// Forgets rows the file now holds (unless a newer row for the key took their place).
@@ -175,6 +200,8 @@ impl Health {
 struct LedgerFile {
     path: PathBuf,
     db: RwLock<Option<Arc<Database>>>,
+    /// Rows looked up in the file (a key's first use, unless the digest filter rules it out).
+    reads: std::sync::atomic::AtomicU64,
 }
 
 impl LedgerFile {
@@ -228,6 +255,7 @@ impl LedgerFile {
         let db = self
             .current()
             .ok_or_else(|| LedgerError::Unavailable("the ledger file cannot be read".into()))?;
+        self.reads.fetch_add(1, Ordering::Relaxed);
         let read = db.begin_read().map_err(|e| unavailable(e.into()))?;
         let table = match read.open_table(table) {
             Ok(table) => table,
@@ -306,6 +334,7 @@ impl EmbeddedLedger {
         let file = Arc::new(LedgerFile {
             path: path.to_path_buf(),
             db: RwLock::new(Some(Arc::new(db))),
+            reads: Default::default(),
         });
         let (health, pending) = (Arc::new(Health::default()), Arc::new(Pending::default()));
         let closed = Arc::new(ClosedSegments::default());
@@ -327,6 +356,13 @@ impl EmbeddedLedger {
                     closed.clone(),
                 );
                 move || apply_loop(&file, file_ops, next_seq - 1, &pending, &closed, &health)
+            }),
+        )?;
+        spawn(
+            "ledger-digests",
+            Box::new({
+                let (file, pending) = (Arc::downgrade(&file), Arc::downgrade(&pending));
+                move || filter_loop(&file, &pending)
             }),
         )?;
         spawn(
@@ -357,10 +393,25 @@ impl EmbeddedLedger {
         }
     }
 
+    /// Whether the filter of the file's digests is built (in the background after `open`):
+    /// from then on a new key's first claim reads nothing from the file.
+    pub fn digest_filter_ready(&self) -> bool {
+        self.pending.digests.is_ready()
+    }
+
+    /// When a key the table does not know was served, from the file; a digest the filter has
+    /// never seen is not there, so a new key costs no read of the file.
+    fn stored(&self, digest: KeyDigest) -> Result<Option<ServedAt>, LedgerError> {
+        if !self.pending.digests.may_hold(digest) {
+            return Ok(None);
+        }
+        self.file.served_at(digest)
+    }
+
     /// Claims need no write: the key's row is read from the file on first use, and the claim
     /// itself lives in memory until its commit.
     fn claim_here(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, LedgerError> {
-        let stored = |digest| self.file.served_at(digest);
+        let stored = |digest| self.stored(digest);
         // Fail closed while the file cannot be written (disk full, read-only, I/O error): a
         // download now could not be recorded. The sweep's probe notices when writes work again.
         // What is known is still answered: a served key stays refused.
@@ -569,6 +620,115 @@ fn journal_loop(
             }
         }
         let _ = sync_journal(&mut journal, &mut journaled, to_file, pending, health);
+    }
+}
+
+/// The filter thread: builds the filter of the file's digests at start, and a larger one
+/// whenever the one in use has taken more digests than it was sized for. It holds the ledger
+/// only while it works, so it ends soon after the ledger is dropped.
+fn filter_loop(file: &Weak<LedgerFile>, pending: &Weak<Pending>) {
+    loop {
+        let wanted = match pending.upgrade() {
+            Some(pending) => pending.digests.wants_build(),
+            None => return,
+        };
+        if wanted {
+            let started = Instant::now();
+            match build_filter(file, pending) {
+                Ok(Some(rows)) => tracing::info!(
+                    rows,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "ledger digest filter built"
+                ),
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot build the ledger's digest filter; first uses read the file");
+                    std::thread::sleep(FILTER_CHECK * 30);
+                }
+            }
+        }
+        std::thread::sleep(FILTER_CHECK);
+    }
+}
+
+/// Builds a filter of every digest the file holds or is about to take, and puts it in use: the
+/// rows scanned; `None` when the ledger was dropped meanwhile.
+fn build_filter(file: &Weak<LedgerFile>, pending: &Weak<Pending>) -> Result<Option<u64>, String> {
+    let Some(db) = file.upgrade().and_then(|file| file.current()) else {
+        return Ok(None);
+    };
+    let Some(held) = pending.upgrade() else {
+        return Ok(None);
+    };
+    let rows = served_rows(&db).map_err(|e| e.to_string())?;
+    drop(db);
+    let capacity = (rows as usize).max(held.digests.taken()).saturating_mul(2);
+    let filter = Arc::new(DigestFilter::with_capacity(
+        capacity.max(MIN_FILTER_DIGESTS),
+    ));
+    // First the filter takes new digests, then those pending, then the file's: a row is always
+    // in one of them (it leaves `pending` only once the file holds it).
+    held.begin_filter(filter.clone());
+    drop(held);
+    let scanned = scan_digests(file, &filter);
+    let Some(pending) = pending.upgrade() else {
+        return Ok(None);
+    };
+    match scanned {
+        Ok(Some(scanned)) => {
+            pending.digests.finish_build();
+            Ok(Some(scanned))
+        }
+        other => {
+            pending.digests.abandon_build();
+            other
+        }
+    }
+}
+
+/// Rows in the file's `SERVED` table.
+fn served_rows(db: &Database) -> Result<u64, redb::Error> {
+    use redb::ReadableTableMetadata;
+    match db.begin_read()?.open_table(SERVED) {
+        Ok(table) => Ok(table.len()?),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Adds every digest of the `SERVED` table to `filter`, `FILTER_SCAN_ROWS` per read
+/// transaction; `None` when the ledger was dropped meanwhile.
+fn scan_digests(file: &Weak<LedgerFile>, filter: &DigestFilter) -> Result<Option<u64>, String> {
+    let mut from = 0u128;
+    let mut scanned = 0;
+    loop {
+        let Some(db) = file.upgrade().and_then(|file| file.current()) else {
+            return Ok(None);
+        };
+        let read = db.begin_read().map_err(|e| e.to_string())?;
+        let table = match read.open_table(SERVED) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Some(scanned)),
+            Err(e) => return Err(e.to_string()),
+        };
+        let mut seen = 0;
+        for row in table
+            .range(from..)
+            .map_err(|e| e.to_string())?
+            .take(FILTER_SCAN_ROWS)
+        {
+            let digest = row.map_err(|e| e.to_string())?.0.value();
+            filter.insert(KeyDigest::from_u128(digest));
+            seen += 1;
+            scanned += 1;
+            match digest.checked_add(1) {
+                Some(next) => from = next,
+                None => return Ok(Some(scanned)),
+            }
+        }
+        if seen < FILTER_SCAN_ROWS {
+            return Ok(Some(scanned));
+        }
     }
 }
 
@@ -804,7 +964,7 @@ impl Ledger for EmbeddedLedger {
     async fn lookup(&self, key: &str) -> Result<KeyState, LedgerError> {
         let served_at = match self
             .claims
-            .lookup_or_load(key, |digest| self.file.served_at(digest))?
+            .lookup_or_load(key, |digest| self.stored(digest))?
         {
             TableState::Unseen => return Ok(KeyState::Unseen),
             TableState::InFlight => return Ok(KeyState::InFlight),
@@ -826,7 +986,7 @@ impl Ledger for EmbeddedLedger {
     async fn reset(&self, key: &str) -> Result<ResetOutcome, LedgerError> {
         let reset = match self
             .claims
-            .begin_reset_or_load(key, |digest| self.file.served_at(digest))?
+            .begin_reset_or_load(key, |digest| self.stored(digest))?
         {
             Ok(reset) => reset,
             Err(nothing_to_do) => return Ok(nothing_to_do),
@@ -898,6 +1058,59 @@ mod tests {
             ClaimOutcome::Claimed(ticket) => ticket,
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Waits (ten seconds at most) until a digest filter is in use and no larger one is wanted.
+    async fn filter_settled(ledger: &EmbeddedLedger) {
+        for _ in 0..1000 {
+            let digests = &ledger.pending.digests;
+            if digests.is_ready() && !digests.wants_build() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no digest filter was built");
+    }
+
+    #[tokio::test]
+    async fn once_the_digest_filter_is_built_served_keys_are_read_and_new_keys_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.redb");
+        // Far more records than the smallest filter takes in tests, so larger ones are built
+        // while they are served.
+        let keys: Vec<String> = (0..100).map(|i| format!("served-{i}")).collect();
+        {
+            let ledger = EmbeddedLedger::open(&path, None).unwrap();
+            for key in &keys {
+                serve(&ledger, &[key]).await;
+            }
+            filter_settled(&ledger).await;
+            assert!(ledger.pending.digests.taken() >= keys.len());
+        }
+        let ledger = reopen(&path, None).await;
+        filter_settled(&ledger).await;
+        let reads = || ledger.file.reads.load(Ordering::Relaxed);
+        let before = reads();
+        for i in 0..200 {
+            let ticket = claim(&ledger, &format!("new-{i}")).await;
+            ledger.release(&ticket).await.unwrap();
+        }
+        // Only the filter's false positives (~0.5 %) read the file.
+        let new_key_reads = reads() - before;
+        assert!(
+            new_key_reads <= 10,
+            "{new_key_reads} reads for 200 new keys"
+        );
+        let before = reads();
+        for key in &keys {
+            let outcome = ledger.claim(key, Duration::from_secs(60)).await.unwrap();
+            assert_eq!(outcome, ClaimOutcome::Served, "{key}");
+        }
+        assert_eq!(
+            reads() - before,
+            keys.len() as u64,
+            "each served key read once"
+        );
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 //! One trait; stores: `memory` (tests), `embedded` (redb file, default), `redis` (shared by replicas).
 
 mod claims;
+mod digest_filter;
 pub mod embedded;
 mod journal;
 pub mod memory;
