@@ -77,8 +77,14 @@ impl DigestFilter {
         self.taken.load(Ordering::Relaxed) > self.capacity
     }
 
+    #[cfg(test)]
     pub fn taken(&self) -> usize {
         self.taken.load(Ordering::Relaxed)
+    }
+
+    #[cfg(test)]
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 }
 
@@ -124,13 +130,13 @@ impl FileDigests {
                 .is_ok_and(|ready| ready.as_ref().is_none_or(|filter| filter.is_full()))
     }
 
-    /// How many digests the filter in use took (0 when there is none).
-    pub fn taken(&self) -> usize {
-        self.ready
-            .read()
-            .ok()
-            .and_then(|ready| ready.as_ref().map(|filter| filter.taken()))
-            .unwrap_or(0)
+    /// How many digests the filter in use took and was sized for (none when there is none).
+    #[cfg(test)]
+    pub fn taken_and_capacity(&self) -> Option<(usize, usize)> {
+        let ready = self.ready.read().ok()?;
+        ready
+            .as_ref()
+            .map(|filter| (filter.taken(), filter.capacity()))
     }
 
     /// Starts taking new digests into `filter`; the caller then adds every digest the file

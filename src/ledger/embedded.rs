@@ -154,14 +154,21 @@ impl Pending {
         }
     }
 
-    /// Starts building `filter`: from now on it takes every new row's digest, and here those of
-    /// the rows the file may not hold yet.
-    fn begin_filter(&self, filter: Arc<DigestFilter>) {
+    /// Starts building a filter for twice the rows of the file (`file_rows`) and those pending:
+    /// from now on it takes every new row's digest, and here those of the rows the file may not
+    /// hold yet. Sized by rows, not by what the last filter took, so resets and expiry that keep
+    /// the file small keep the filter small too.
+    fn begin_filter(&self, file_rows: u64) -> Arc<DigestFilter> {
         let pending = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
+        let rows = (file_rows as usize).saturating_add(pending.len());
+        let filter = Arc::new(DigestFilter::with_capacity(
+            rows.saturating_mul(2).max(MIN_FILTER_DIGESTS),
+        ));
         self.digests.begin_build(filter.clone());
         for digest in pending.keys() {
             filter.insert(*digest);
         }
+        filter
     }
 
     /// Forgets rows the file now holds (unless a newer row for the key took their place).
@@ -662,13 +669,9 @@ fn build_filter(file: &Weak<LedgerFile>, pending: &Weak<Pending>) -> Result<Opti
     };
     let rows = served_rows(&db).map_err(|e| e.to_string())?;
     drop(db);
-    let capacity = (rows as usize).max(held.digests.taken()).saturating_mul(2);
-    let filter = Arc::new(DigestFilter::with_capacity(
-        capacity.max(MIN_FILTER_DIGESTS),
-    ));
     // First the filter takes new digests, then those pending, then the file's: a row is always
     // in one of them (it leaves `pending` only once the file holds it).
-    held.begin_filter(filter.clone());
+    let filter = held.begin_filter(rows);
     drop(held);
     let scanned = scan_digests(file, &filter);
     let Some(pending) = pending.upgrade() else {
@@ -1085,7 +1088,8 @@ mod tests {
                 serve(&ledger, &[key]).await;
             }
             filter_settled(&ledger).await;
-            assert!(ledger.pending.digests.taken() >= keys.len());
+            let (taken, _) = ledger.pending.digests.taken_and_capacity().unwrap();
+            assert!(taken >= keys.len());
         }
         let ledger = reopen(&path, None).await;
         filter_settled(&ledger).await;
@@ -1110,6 +1114,29 @@ mod tests {
             reads() - before,
             keys.len() as u64,
             "each served key read once"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_digest_filter_stays_sized_by_the_file_when_resets_keep_it_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = EmbeddedLedger::open(&dir.path().join("ledger.redb"), None).unwrap();
+        // 500 records served, never more than 50 at a time in the file; each round's filter
+        // is built for twice the rows then, not for what the last one took.
+        for round in 0..10 {
+            let keys: Vec<String> = (0..50).map(|i| format!("r{round}-{i}")).collect();
+            for key in &keys {
+                serve(&ledger, &[key]).await;
+            }
+            filter_settled(&ledger).await;
+            for key in &keys {
+                assert_eq!(ledger.reset(key).await.unwrap(), ResetOutcome::Reset);
+            }
+        }
+        let (taken, capacity) = ledger.pending.digests.taken_and_capacity().unwrap();
+        assert!(
+            capacity <= 2 * 100,
+            "sized for {capacity} digests after {taken}"
         );
     }
 
