@@ -2,7 +2,7 @@
 //! certainly not in the file, so a new key's first claim needs no read of the file.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use super::KeyDigest;
 
@@ -16,11 +16,16 @@ const PROBES: u32 = 6;
 /// u64 words per block: 512 bits, a cache line.
 const BLOCK_WORDS: usize = 8;
 
+/// One cache line of the filter: all the bits of a digest lie in one.
+#[derive(Default)]
+#[repr(align(64))]
+struct Block([AtomicU64; BLOCK_WORDS]);
+
 /// A blocked Bloom filter of key digests. Digests are SHA-256 bits, already uniform: the high
 /// half picks the block and the low half the bits, with no hashing of its own. Inserts and
 /// lookups are lock-free, from any thread.
 pub struct DigestFilter {
-    blocks: Box<[[AtomicU64; BLOCK_WORDS]]>,
+    blocks: Box<[Block]>,
     block_mask: u64,
     capacity: usize,
     taken: AtomicUsize,
@@ -29,7 +34,9 @@ pub struct DigestFilter {
 impl DigestFilter {
     /// A filter sized for `capacity` digests (rounded up to a power of two of blocks).
     pub fn with_capacity(capacity: usize) -> DigestFilter {
-        let blocks = (capacity.max(1) * BITS_PER_DIGEST)
+        let blocks = capacity
+            .clamp(1, usize::MAX / BITS_PER_DIGEST)
+            .saturating_mul(BITS_PER_DIGEST)
             .div_ceil(BLOCK_WORDS * 64)
             .next_power_of_two();
         DigestFilter {
@@ -41,13 +48,7 @@ impl DigestFilter {
     }
 
     /// The block and, per probe, the word in it and the bit in that word.
-    fn probes(
-        &self,
-        digest: KeyDigest,
-    ) -> (
-        &[AtomicU64; BLOCK_WORDS],
-        impl Iterator<Item = (usize, u64)>,
-    ) {
+    fn probes(&self, digest: KeyDigest) -> (&Block, impl Iterator<Item = (usize, u64)>) {
         let value = digest.as_u128();
         let block = &self.blocks[((value >> 64) as u64 & self.block_mask) as usize];
         let bits = value as u64;
@@ -61,7 +62,7 @@ impl DigestFilter {
     pub fn insert(&self, digest: KeyDigest) {
         let (block, probes) = self.probes(digest);
         for (word, bit) in probes {
-            block[word].fetch_or(bit, Ordering::Relaxed);
+            block.0[word].fetch_or(bit, Ordering::Release);
         }
         self.taken.fetch_add(1, Ordering::Relaxed);
     }
@@ -69,7 +70,7 @@ impl DigestFilter {
     /// False only for a digest never inserted.
     pub fn may_hold(&self, digest: KeyDigest) -> bool {
         let (block, mut probes) = self.probes(digest);
-        probes.all(|(word, bit)| block[word].load(Ordering::Relaxed) & bit != 0)
+        probes.all(|(word, bit)| block.0[word].load(Ordering::Acquire) & bit != 0)
     }
 
     /// More digests were inserted than it was sized for: false positives grow from here on.
@@ -97,79 +98,72 @@ pub struct FileDigests {
 }
 
 impl FileDigests {
-    /// Whether the file may hold `digest`: true until a filter is ready.
-    pub fn may_hold(&self, digest: KeyDigest) -> bool {
-        match self.ready.read() {
-            Ok(ready) => ready.as_ref().is_none_or(|filter| filter.may_hold(digest)),
-            Err(_) => true,
-        }
+    // The filters' state is atomic bits and `Option<Arc<_>>` swaps: consistent even after a panic
+    // elsewhere, so a poisoned lock is used as it is.
+    fn ready(&self) -> std::sync::RwLockReadGuard<'_, Option<Arc<DigestFilter>>> {
+        self.ready.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Adds a digest the file is about to take (to the filter in use and the one being built).
+    fn building(&self) -> std::sync::MutexGuard<'_, Option<Arc<DigestFilter>>> {
+        self.building.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the file may hold `digest`: true until a filter is ready.
+    pub fn may_hold(&self, digest: KeyDigest) -> bool {
+        self.ready()
+            .as_ref()
+            .is_none_or(|filter| filter.may_hold(digest))
+    }
+
+    /// Adds a digest the file is about to take (to the filter being built and the one in use).
+    /// Callers hold the lock `begin_build` is called under. The one being built comes first:
+    /// `finish_build` puts it in use before it stops being built, so a digest that finds no
+    /// filter being built finds the finished one in use.
     pub fn insert(&self, digest: KeyDigest) {
-        if let Some(filter) = self.ready.read().ok().and_then(|ready| ready.clone()) {
+        if let Some(filter) = self.building().clone() {
             filter.insert(digest);
         }
-        if let Some(filter) = self
-            .building
-            .lock()
-            .ok()
-            .and_then(|building| building.clone())
-        {
+        if let Some(filter) = self.ready().clone() {
             filter.insert(digest);
         }
     }
 
     /// Whether a (new) filter should be built: none is ready, or the one in use is full.
     pub fn wants_build(&self) -> bool {
-        let building = self.building.lock().map_or(true, |b| b.is_some());
-        !building
-            && self
-                .ready
-                .read()
-                .is_ok_and(|ready| ready.as_ref().is_none_or(|filter| filter.is_full()))
+        self.building().is_none() && self.ready().as_ref().is_none_or(|filter| filter.is_full())
     }
 
     /// How many digests the filter in use took and was sized for (none when there is none).
     #[cfg(test)]
     pub fn taken_and_capacity(&self) -> Option<(usize, usize)> {
-        let ready = self.ready.read().ok()?;
-        ready
+        self.ready()
             .as_ref()
             .map(|filter| (filter.taken(), filter.capacity()))
     }
 
     /// Starts taking new digests into `filter`; the caller then adds every digest the file
-    /// holds or is about to take.
+    /// holds or is about to take. Called under the lock `insert`'s callers hold.
     pub fn begin_build(&self, filter: Arc<DigestFilter>) {
-        if let Ok(mut building) = self.building.lock() {
-            *building = Some(filter);
-        }
+        *self.building() = Some(filter);
     }
 
     /// Puts the filter being built in use. It is in use before it stops being built, so no
-    /// digest inserted meanwhile misses it.
+    /// digest inserted meanwhile misses it (see `insert`).
     pub fn finish_build(&self) {
-        let Some(filter) = self.building.lock().ok().and_then(|b| b.clone()) else {
+        let Some(filter) = self.building().clone() else {
             return;
         };
-        if let Ok(mut ready) = self.ready.write() {
-            *ready = Some(filter);
-        }
-        if let Ok(mut building) = self.building.lock() {
-            *building = None;
-        }
+        *self.ready.write().unwrap_or_else(PoisonError::into_inner) = Some(filter);
+        *self.building() = None;
     }
 
     /// Drops a build that could not finish; the filter in use (if any) stays.
     pub fn abandon_build(&self) {
-        if let Ok(mut building) = self.building.lock() {
-            *building = None;
-        }
+        *self.building() = None;
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.read().is_ok_and(|ready| ready.is_some())
+        self.ready().is_some()
     }
 }
 
@@ -196,6 +190,59 @@ mod tests {
         assert!(false_positives < 2_000, "{false_positives} false positives");
         filter.insert(digest(100_000));
         assert!(filter.is_full());
+    }
+
+    /// The embedded ledger's protocol, raced: inserts under one lock (the pending map's) while
+    /// filters are begun under it, then finished outside it. Every digest inserted after a
+    /// filter was begun must be in that filter once it is in use.
+    #[test]
+    fn no_digest_inserted_during_a_build_is_missing_from_the_filter_put_in_use() {
+        let digests = Arc::new(FileDigests::default());
+        // The digests inserted so far, under the lock inserts and begins take.
+        let inserted = Arc::new(Mutex::new(Vec::<KeyDigest>::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = std::thread::spawn({
+            let (digests, inserted, stop) = (digests.clone(), inserted.clone(), stop.clone());
+            move || {
+                // Cheap distinct digests (no SHA-256 in the loop), so inserts come thick and fast.
+                for i in 1..=20_000_000u64 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let spread = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                    let next = KeyDigest::from_u128(
+                        u128::from(spread) << 64 | u128::from(spread.rotate_left(29)),
+                    );
+                    let mut held = inserted.lock().unwrap();
+                    digests.insert(next);
+                    held.push(next);
+                }
+            }
+        });
+        let started = std::time::Instant::now();
+        let mut builds = 0;
+        let mut missing = 0;
+        while started.elapsed() < std::time::Duration::from_secs(3) && builds < 1_000_000 {
+            // (The ledger also copies the digests inserted before; only those after count here.)
+            let since = {
+                let held = inserted.lock().unwrap();
+                digests.begin_build(Arc::new(DigestFilter::with_capacity(4096)));
+                held.len()
+            };
+            digests.finish_build();
+            builds += 1;
+            let held = inserted.lock().unwrap();
+            missing += held[since..]
+                .iter()
+                .filter(|digest| !digests.may_hold(**digest))
+                .count();
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        assert_eq!(
+            missing, 0,
+            "digests missing from the filter in use over {builds} builds"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -73,15 +73,16 @@ const FILE_SWEEP_ROWS: usize = 50_000;
 /// few MiB; the OS caches the rest of the file anyway.
 const PAGE_CACHE_BYTES: usize = 64 << 20;
 
-/// The fewest digests a filter of the file's digests is sized for (~384 KiB of filter).
+/// The fewest digests a filter of the file's digests is sized for (512 KiB of filter).
 const MIN_FILTER_DIGESTS: usize = if cfg!(test) { 16 } else { 1 << 18 };
 
 /// How often the filter thread checks whether the filter in use is full.
 const FILTER_CHECK: Duration = Duration::from_millis(if cfg!(test) { 20 } else { 1000 });
 
 /// Rows read per read transaction while a filter is built: a long-lived read would keep redb
-/// from reusing the pages the file thread frees meanwhile.
-const FILTER_SCAN_ROWS: usize = if cfg!(test) { 4 } else { 50_000 };
+/// from reusing the pages the file thread frees meanwhile, and would hold up closing the file
+/// after a failed write (`LedgerFile::close` waits a second for reads).
+const FILTER_SCAN_ROWS: usize = if cfg!(test) { 4 } else { 10_000 };
 
 enum StoreOp {
     /// A record, by its key's digest: journaled, then moved into the file.
@@ -145,7 +146,8 @@ impl Pending {
                 .wait_timeout(pending, Duration::from_millis(100))
             {
                 Ok((guard, _)) => pending = guard,
-                Err(_) => return,
+                // Still taken: the journal has the rows, and the filter must have them too.
+                Err(poisoned) => pending = poisoned.into_inner().0,
             }
         }
         for (digest, row) in rows {
@@ -208,7 +210,7 @@ struct LedgerFile {
     path: PathBuf,
     db: RwLock<Option<Arc<Database>>>,
     /// Rows looked up in the file (a key's first use, unless the digest filter rules it out).
-    reads: std::sync::atomic::AtomicU64,
+    reads: AtomicU64,
 }
 
 impl LedgerFile {
@@ -658,10 +660,22 @@ fn filter_loop(file: &Weak<LedgerFile>, pending: &Weak<Pending>) {
     }
 }
 
+/// The open handle of a ledger still in use: `Ok(None)` when the ledger was dropped, an error
+/// while its file is closed after a failed write (the build is tried again later).
+fn open_handle(file: &Weak<LedgerFile>) -> Result<Option<Arc<Database>>, String> {
+    match file.upgrade() {
+        None => Ok(None),
+        Some(file) => file
+            .current()
+            .map(Some)
+            .ok_or_else(|| "the ledger file is closed".to_string()),
+    }
+}
+
 /// Builds a filter of every digest the file holds or is about to take, and puts it in use: the
 /// rows scanned; `None` when the ledger was dropped meanwhile.
 fn build_filter(file: &Weak<LedgerFile>, pending: &Weak<Pending>) -> Result<Option<u64>, String> {
-    let Some(db) = file.upgrade().and_then(|file| file.current()) else {
+    let Some(db) = open_handle(file)? else {
         return Ok(None);
     };
     let Some(held) = pending.upgrade() else {
@@ -705,7 +719,7 @@ fn scan_digests(file: &Weak<LedgerFile>, filter: &DigestFilter) -> Result<Option
     let mut from = 0u128;
     let mut scanned = 0;
     loop {
-        let Some(db) = file.upgrade().and_then(|file| file.current()) else {
+        let Some(db) = open_handle(file)? else {
             return Ok(None);
         };
         let read = db.begin_read().map_err(|e| e.to_string())?;
