@@ -124,6 +124,35 @@ enum Slot<S> {
     Served(S),
 }
 
+/// A commit under way (`ClaimMap::begin_commit`).
+pub struct Committing<'a, S: ServedEntry> {
+    map: &'a ClaimMap<S>,
+    ticket: &'a Ticket,
+    finished: bool,
+}
+
+impl<S: ServedEntry> Committing<'_, S> {
+    /// The record is durable: the key is served.
+    pub fn finish(mut self, entry: S) {
+        self.finished = true;
+        if let Some(mut slot) = self.map.slots.get_mut(&self.ticket.digest) {
+            if matches!(*slot, Slot::InFlight { ticket: held, .. } if held == self.ticket.id) {
+                *slot = Slot::Served(entry);
+            }
+        }
+    }
+}
+
+impl<S: ServedEntry> Drop for Committing<'_, S> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self
+                .map
+                .with_held(self.ticket, |_, committing| *committing = false);
+        }
+    }
+}
+
 /// A reset in progress (see `ClaimMap::begin_reset`).
 pub struct ResetGuard<'a, S: ServedEntry> {
     map: &'a ClaimMap<S>,
@@ -314,28 +343,24 @@ impl<S: ServedEntry> ClaimMap<S> {
 
     /// First half of a commit: pins the claim so it cannot expire while the record is written.
     /// A claim past its lease may still commit as long as nobody took it over: nobody else was
-    /// told the key is free.
-    pub fn begin_commit(&self, ticket: &Ticket) -> Result<(), LedgerError> {
-        self.with_held(ticket, |_, committing| *committing = true)
-    }
-
-    /// Second half of a commit, once the record is durable.
-    pub fn finish_commit(&self, ticket: &Ticket, entry: S) {
-        if let Some(mut slot) = self.slots.get_mut(&ticket.digest) {
-            if matches!(*slot, Slot::InFlight { ticket: held, .. } if held == ticket.id) {
-                *slot = Slot::Served(entry);
-            }
-        }
-    }
-
-    /// Undoes `begin_commit` after a failed write, leaving an ordinary claim to release.
-    pub fn abort_commit(&self, ticket: &Ticket) {
-        let _ = self.with_held(ticket, |_, committing| *committing = false);
+    /// told the key is free. The pin lasts as long as the returned guard: `finish` makes the key
+    /// served; dropped unfinished (a failed write, or a caller that stopped waiting, e.g. a
+    /// client gone mid-commit) it leaves an ordinary claim, which its release or lease ends.
+    /// Without that, a cancelled commit left the key in flight for good.
+    pub fn begin_commit<'a>(
+        &'a self,
+        ticket: &'a Ticket,
+    ) -> Result<Committing<'a, S>, LedgerError> {
+        self.with_held(ticket, |_, committing| *committing = true)?;
+        Ok(Committing {
+            map: self,
+            ticket,
+            finished: false,
+        })
     }
 
     pub fn commit(&self, ticket: &Ticket, entry: S) -> Result<(), LedgerError> {
-        self.begin_commit(ticket)?;
-        self.finish_commit(ticket, entry);
+        self.begin_commit(ticket)?.finish(entry);
         Ok(())
     }
 

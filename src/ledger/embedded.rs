@@ -959,18 +959,11 @@ impl Ledger for EmbeddedLedger {
     }
 
     async fn commit(&self, ticket: &Ticket, record: ServedRecord) -> Result<(), LedgerError> {
-        self.claims.begin_commit(ticket)?;
+        let committing = self.claims.begin_commit(ticket)?;
         let served_at = ServedAt(record.served_at_ms);
-        match self.write(StoreOp::Put(ticket.digest, record)).await {
-            Ok(()) => {
-                self.claims.finish_commit(ticket, served_at);
-                Ok(())
-            }
-            Err(e) => {
-                self.claims.abort_commit(ticket);
-                Err(e)
-            }
-        }
+        self.write(StoreOp::Put(ticket.digest, record)).await?;
+        committing.finish(served_at);
+        Ok(())
     }
 
     async fn release(&self, ticket: &Ticket) -> Result<(), LedgerError> {
@@ -1151,6 +1144,28 @@ mod tests {
         assert!(
             capacity <= 2 * 100,
             "sized for {capacity} digests after {taken}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_commit_nobody_waits_for_leaves_the_key_free_once_its_lease_runs_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = EmbeddedLedger::open(&dir.path().join("ledger.redb"), None).unwrap();
+        let ticket = match ledger.claim("k", Duration::from_millis(100)).await.unwrap() {
+            ClaimOutcome::Claimed(ticket) => ticket,
+            other => panic!("{other:?}"),
+        };
+        {
+            // Polled once (the claim is pinned, the record queued), then dropped, as when the
+            // client goes away while its record is written.
+            let mut commit = Box::pin(ledger.commit(&ticket, record("k")));
+            let _ = futures_util::poll!(commit.as_mut());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let outcome = ledger.claim("k", Duration::from_secs(60)).await.unwrap();
+        assert!(
+            !matches!(outcome, ClaimOutcome::InFlight),
+            "the key stayed in flight after its lease"
         );
     }
 
