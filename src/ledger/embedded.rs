@@ -675,6 +675,17 @@ fn open_handle(file: &Weak<LedgerFile>) -> Result<Option<Arc<Database>>, String>
 /// Builds a filter of every digest the file holds or is about to take, and puts it in use: the
 /// rows scanned; `None` when the ledger was dropped meanwhile.
 fn build_filter(file: &Weak<LedgerFile>, pending: &Weak<Pending>) -> Result<Option<u64>, String> {
+    let Some(first) = pending.upgrade().map(|held| !held.digests.is_ready()) else {
+        return Ok(None);
+    };
+    // Holding no part of the ledger meanwhile: it may take seconds.
+    if let Some(path) = file
+        .upgrade()
+        .filter(|_| first)
+        .map(|file| file.path.clone())
+    {
+        read_ahead(&path);
+    }
     let Some(db) = open_handle(file)? else {
         return Ok(None);
     };
@@ -701,6 +712,19 @@ fn build_filter(file: &Weak<LedgerFile>, pending: &Weak<Pending>) -> Result<Opti
             other
         }
     }
+}
+
+/// Reads the file once in order, so the OS caches it before the first scan: the scan reads the
+/// leaves in key order, scattered over the file, which from a cold disk took 216 s for 10M
+/// records (5 GiB) against 10.5 s to read the file in order (`posix_fadvise`'s `WILLNEED` reads
+/// only the first few pages). A failure only leaves the scan slower.
+fn read_ahead(path: &Path) {
+    use std::io::Read;
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return;
+    };
+    let mut buffer = vec![0u8; 1 << 20];
+    while matches!(file.read(&mut buffer), Ok(read) if read > 0) {}
 }
 
 /// Rows in the file's `SERVED` table.
