@@ -254,6 +254,7 @@ fn forward_claimed(
             CommitMode::Complete => Ok(response.map(|body| {
                 OnceBody {
                     inner: body,
+                    span: claim.span.clone(),
                     claim: Some(claim),
                     record: Some(record),
                     expected,
@@ -382,32 +383,69 @@ impl Claim {
         self.ticket.as_ref()
     }
 
-    /// Boxed: it holds the claim, the record and the ticket, and the download's own future stays
-    /// small enough for the allocator's per-thread cache.
-    fn commit(mut self, record: ServedRecord) -> BoxFuture<'static, Result<(), ProxyError>> {
-        Box::pin(async move {
-            let Some(ticket) = self.ticket.take() else {
-                return Err(ProxyError::Internal);
-            };
-            match self.ledger.commit(&ticket, record).await {
-                Ok(()) => {
-                    self.note.set_outcome(Outcome::Served);
-                    Ok(())
+    /// Records the download. Once started, the commit runs to its end even if its caller stops
+    /// waiting (a client gone mid-commit, a shutdown): the record may already be on its way to
+    /// the store, so giving the key back could let it be downloaded twice (README, "Commit modes").
+    fn commit(mut self, record: ServedRecord) -> Commit {
+        let span = self.span.clone();
+        // Boxed: it holds the claim, the record and the ticket, and the download's own future
+        // stays small enough for the allocator's per-thread cache.
+        Commit::Starting(Some((
+            Box::pin(async move {
+                let Some(ticket) = self.ticket.take() else {
+                    return Err(ProxyError::Internal);
+                };
+                match self.ledger.commit(&ticket, record).await {
+                    Ok(()) => {
+                        self.note.set_outcome(Outcome::Served);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // Dropped holding its ticket again: the key is given back.
+                        self.ticket = Some(ticket);
+                        drop(self);
+                        Err(ProxyError::StoreUnavailable(e.to_string()))
+                    }
                 }
-                Err(e) => {
-                    // Dropped holding its ticket again: the key is given back.
-                    self.ticket = Some(ticket);
-                    drop(self);
-                    Err(ProxyError::StoreUnavailable(e.to_string()))
+            }),
+            span,
+        )))
+    }
+}
+
+/// A started commit (`Claim::commit`). Its first poll runs inline, which is all a commit that
+/// needs no wait (the memory ledger) takes; one that must wait (a durable write, a round trip)
+/// moves to a task of its own, so dropping this future no longer cancels it.
+enum Commit {
+    Starting(Option<(BoxFuture<'static, Result<(), ProxyError>>, tracing::Span)>),
+    Running(tokio::task::JoinHandle<Result<(), ProxyError>>),
+}
+
+impl Future for Commit {
+    type Output = Result<(), ProxyError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match &mut *self {
+                Commit::Starting(start) => {
+                    let Some((mut commit, span)) = start.take() else {
+                        return Poll::Ready(Err(ProxyError::Internal));
+                    };
+                    if let Poll::Ready(result) = commit.as_mut().poll(cx) {
+                        return Poll::Ready(result);
+                    }
+                    let task = tokio::spawn(tracing::Instrument::instrument(commit, span));
+                    *self = Commit::Running(task);
+                }
+                // A panic in the commit (or a runtime shutting down under it) dropped the claim,
+                // which gave the key back.
+                Commit::Running(task) => {
+                    return Pin::new(task)
+                        .poll(cx)
+                        .map(|joined| joined.unwrap_or(Err(ProxyError::Internal)))
                 }
             }
-        })
-    }
-
-    /// The ledger has made the key served (the commit ran elsewhere).
-    fn committed(&mut self) {
-        self.ticket = None;
-        self.note.set_outcome(Outcome::Served);
+        }
     }
 }
 
@@ -441,6 +479,9 @@ impl Drop for Claim {
 /// and holds the final chunk back until the served record is durable.
 struct OnceBody {
     inner: ProxyBody,
+    /// The request's span: hyper polls the body outside it, and log lines need it back.
+    span: tracing::Span,
+    /// Held until the commit starts, which takes it over.
     claim: Option<Claim>,
     record: Option<RecordDraft>,
     /// The upstream's Content-Length: its last byte identifies the final chunk without waiting
@@ -451,7 +492,7 @@ struct OnceBody {
     held: Option<Frame<Bytes>>,
     /// What goes out once the commit is done.
     tail: VecDeque<Frame<Bytes>>,
-    commit: Option<BoxFuture<'static, Result<(), LedgerError>>>,
+    commit: Option<Commit>,
     committed: bool,
     lease: Duration,
     last_renewal: Instant,
@@ -461,17 +502,10 @@ struct OnceBody {
 impl OnceBody {
     /// Starts the commit once all bytes are in; false if there is no claim left to commit.
     fn start_commit(&mut self) -> bool {
-        let (Some(claim), Some(record)) = (&self.claim, self.record.take()) else {
+        let (Some(claim), Some(record)) = (self.claim.take(), self.record.take()) else {
             return false;
         };
-        let Some(ticket) = claim.ticket().cloned() else {
-            return false;
-        };
-        let ledger = claim.ledger.clone();
-        let record = record.finish(self.sent);
-        self.commit = Some(Box::pin(
-            async move { ledger.commit(&ticket, record).await },
-        ));
+        self.commit = Some(claim.commit(record.finish(self.sent)));
         true
     }
 
@@ -521,23 +555,16 @@ impl Body for OnceBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        // hyper polls the body outside the request's span: log lines need it back.
-        let _span = this
-            .claim
-            .as_ref()
-            .map(|claim| claim.span.clone().entered());
+        let _span = this.span.clone().entered();
         loop {
             if this.committed {
                 return Poll::Ready(this.tail.pop_front().map(Ok));
             }
             if let Some(commit) = &mut this.commit {
-                let result = ready!(commit.as_mut().poll(cx));
+                let result = ready!(Pin::new(commit).poll(cx));
                 this.commit = None;
                 return match result {
                     Ok(()) => {
-                        if let Some(claim) = &mut this.claim {
-                            claim.committed();
-                        }
                         this.committed = true;
                         continue;
                     }
@@ -631,6 +658,128 @@ mod tests {
             .extension(Arc::new(note))
             .body(())
             .unwrap()
+    }
+
+    /// A memory ledger whose commits wait for a permit, so a test can act while one runs.
+    struct GatedLedger {
+        inner: MemoryLedger,
+        commit_started: tokio::sync::Notify,
+        gate: tokio::sync::Semaphore,
+    }
+
+    #[async_trait::async_trait]
+    impl Ledger for GatedLedger {
+        async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, LedgerError> {
+            self.inner.claim(key, lease).await
+        }
+        async fn renew(&self, ticket: &Ticket, lease: Duration) -> Result<(), LedgerError> {
+            self.inner.renew(ticket, lease).await
+        }
+        async fn commit(&self, ticket: &Ticket, record: ServedRecord) -> Result<(), LedgerError> {
+            self.commit_started.notify_one();
+            let _permit = self.gate.acquire().await;
+            self.inner.commit(ticket, record).await
+        }
+        async fn release(&self, ticket: &Ticket) -> Result<(), LedgerError> {
+            self.inner.release(ticket).await
+        }
+        async fn lookup(&self, key: &str) -> Result<KeyState, LedgerError> {
+            self.inner.lookup(key).await
+        }
+        async fn reset(&self, key: &str) -> Result<crate::ledger::ResetOutcome, LedgerError> {
+            self.inner.reset(key).await
+        }
+        async fn ready(&self) -> bool {
+            true
+        }
+        async fn sweep(&self) {}
+        async fn flush(&self) -> Result<(), LedgerError> {
+            Ok(())
+        }
+    }
+
+    /// A once layer over a gated ledger, in front of an upstream answering `archive` with a
+    /// Content-Length.
+    fn gated_once(
+        archive: &'static [u8],
+    ) -> (
+        Arc<GatedLedger>,
+        impl Service<Request<()>, Response = Response<ProxyBody>, Error = ProxyError>,
+    ) {
+        let ledger = Arc::new(GatedLedger {
+            inner: MemoryLedger::new(None),
+            commit_started: tokio::sync::Notify::new(),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let policy = Arc::new(OncePolicy {
+            ledger: ledger.clone(),
+            commit: CommitMode::Complete,
+            lease: Duration::from_secs(60),
+            trusted_proxies: Vec::new(),
+        });
+        let upstream = tower::service_fn(move |_: Request<()>| async move {
+            let mut response = Response::new(crate::body::full(archive));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, archive.len().into());
+            Ok::<_, ProxyError>(response)
+        });
+        (ledger, OnceLayer::new(policy).layer(upstream))
+    }
+
+    /// Lets the gated commit finish, then waits (bounded) for the key to leave "in flight".
+    async fn state_once_the_commit_may_end(ledger: &GatedLedger, key: &str) -> KeyState {
+        ledger.gate.add_permits(1);
+        for _ in 0..1000 {
+            let state = ledger.lookup(key).await.unwrap();
+            if state != KeyState::InFlight {
+                return state;
+            }
+            tokio::task::yield_now().await;
+        }
+        KeyState::InFlight
+    }
+
+    #[tokio::test]
+    async fn a_small_archive_whose_client_left_mid_commit_stays_served() {
+        let (ledger, mut once) = gated_once(b"small zip");
+        let mut answer =
+            Box::pin(once.call(archive_request("/v2/p/instances/i/assets/archives/s1")));
+        tokio::select! {
+            _ = &mut answer => panic!("answered before the commit ended"),
+            _ = ledger.commit_started.notified() => {}
+        }
+        drop(answer); // the client is gone
+        let state = state_once_the_commit_may_end(&ledger, "p/i/s1").await;
+        assert!(
+            matches!(state, KeyState::Served(_)),
+            "a started commit ends in a record, not a free key: {state:?}"
+        );
+        let again = once
+            .call(archive_request("/v2/p/instances/i/assets/archives/s1"))
+            .await;
+        assert!(matches!(again, Err(ProxyError::AlreadyDownloaded)));
+    }
+
+    #[tokio::test]
+    async fn a_streamed_archive_whose_client_left_mid_commit_stays_served() {
+        static LARGE: [u8; 64 * 1024] = [7; 64 * 1024];
+        let (ledger, mut once) = gated_once(&LARGE);
+        let response = once
+            .call(archive_request("/v2/p/instances/i/assets/archives/l1"))
+            .await
+            .unwrap();
+        let mut body = response.into_body();
+        tokio::select! {
+            _ = body.frame() => panic!("the final chunk went out before the commit ended"),
+            _ = ledger.commit_started.notified() => {}
+        }
+        drop(body); // the client is gone
+        let state = state_once_the_commit_may_end(&ledger, "p/i/l1").await;
+        assert!(
+            matches!(state, KeyState::Served(_)),
+            "a started commit ends in a record, not a free key: {state:?}"
+        );
     }
 
     #[tokio::test]
