@@ -383,15 +383,15 @@ impl Claim {
         self.ticket.as_ref()
     }
 
-    /// Records the download. Once started, the commit runs to its end even if its caller stops
+    /// Records the download. Once polled, the commit runs to its end even if its caller stops
     /// waiting (a client gone mid-commit, a shutdown): the record may already be on its way to
     /// the store, so giving the key back could let it be downloaded twice (README, "Commit modes").
     fn commit(mut self, record: ServedRecord) -> Commit {
         let span = self.span.clone();
         // Boxed: it holds the claim, the record and the ticket, and the download's own future
         // stays small enough for the allocator's per-thread cache.
-        Commit::Starting(Some((
-            Box::pin(async move {
+        Commit {
+            commit: Some(Box::pin(async move {
                 let Some(ticket) = self.ticket.take() else {
                     return Err(ProxyError::Internal);
                 };
@@ -407,43 +407,44 @@ impl Claim {
                         Err(ProxyError::StoreUnavailable(e.to_string()))
                     }
                 }
-            }),
+            })),
+            started: false,
             span,
-        )))
+        }
     }
 }
 
-/// A started commit (`Claim::commit`). Its first poll runs inline, which is all a commit that
-/// needs no wait (the memory ledger) takes; one that must wait (a durable write, a round trip)
-/// moves to a task of its own, so dropping this future no longer cancels it.
-enum Commit {
-    Starting(Option<(BoxFuture<'static, Result<(), ProxyError>>, tracing::Span)>),
-    Running(tokio::task::JoinHandle<Result<(), ProxyError>>),
+/// A commit (`Claim::commit`), polled in place. Dropped after it started and before it ended, it
+/// moves to a task of its own instead of being cancelled. The common path pays nothing for that.
+struct Commit {
+    commit: Option<BoxFuture<'static, Result<(), ProxyError>>>,
+    started: bool,
+    span: tracing::Span,
 }
 
 impl Future for Commit {
     type Output = Result<(), ProxyError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        loop {
-            match &mut *self {
-                Commit::Starting(start) => {
-                    let Some((mut commit, span)) = start.take() else {
-                        return Poll::Ready(Err(ProxyError::Internal));
-                    };
-                    if let Poll::Ready(result) = commit.as_mut().poll(cx) {
-                        return Poll::Ready(result);
-                    }
-                    let task = tokio::spawn(tracing::Instrument::instrument(commit, span));
-                    *self = Commit::Running(task);
-                }
-                // A panic in the commit (or a runtime shutting down under it) dropped the claim,
-                // which gave the key back.
-                Commit::Running(task) => {
-                    return Pin::new(task)
-                        .poll(cx)
-                        .map(|joined| joined.unwrap_or(Err(ProxyError::Internal)))
-                }
+        self.started = true;
+        let Some(commit) = &mut self.commit else {
+            return Poll::Ready(Err(ProxyError::Internal));
+        };
+        let result = ready!(commit.as_mut().poll(cx));
+        self.commit = None;
+        Poll::Ready(result)
+    }
+}
+
+impl Drop for Commit {
+    fn drop(&mut self) {
+        // Never polled: nothing reached the store, and the claim inside is simply released.
+        if !self.started {
+            return;
+        }
+        if let Some(commit) = self.commit.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(tracing::Instrument::instrument(commit, self.span.clone()));
             }
         }
     }
