@@ -346,6 +346,49 @@ async fn the_demo_serves_an_archive_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_hangs_up_before_its_answer_still_gets_an_access_event() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = embedded_config(&upstream, "[log]\nformat = \"json\"\n");
+    let proxy = Process::spawn(dir.path(), &config);
+    let path = format!("{ARCHIVES}/slow-1500");
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "GET {path} HTTP/1.1\r\nHost: oncegate\r\nX-Auth-Token: {TOKEN}\r\nX-Request-Id: gone-1\r\n\r\n"
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    // Once the upstream has the request, the claim is held; then the client hangs up.
+    for _ in 0..100 {
+        if !upstream.hits("slow-1500").is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(upstream.hits("slow-1500").len(), 1);
+    drop(client);
+    // The claim is given back (a moment after the hang-up is noticed): the archive is served.
+    let mut status = StatusCode::CONFLICT;
+    for _ in 0..50 {
+        status = get(proxy.addr, &path, &[]).await.status;
+        if status != StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, StatusCode::OK);
+    let logs = proxy.terminate_and_read_logs().await;
+    let event = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["target"] == "oncegate::access" && l["request_id"] == "gone-1")
+        .unwrap_or_else(|| panic!("no access event for the request whose client left: {logs}"));
+    assert_eq!(event["status"], 499, "{event}");
+    assert_eq!(event["outcome"], "released", "{event}");
+    assert_eq!(event["archive"], "proj/inst/slow-1500", "{event}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_log_line_of_a_request_carries_its_id() {
     let dir = tempfile::tempdir().unwrap();
     let closed = format!("http://127.0.0.1:{}", free_port());

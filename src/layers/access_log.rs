@@ -177,39 +177,76 @@ impl LoggedBody {
     }
 
     fn finish(&mut self) {
-        let Some(entry) = self.entry.take() else {
+        if let Some(entry) = self.entry.take() {
+            log_event(entry, self.status, self.bytes);
+        }
+    }
+}
+
+/// A request's log event until its response exists (`Unanswered::answer`). hyper drops the future
+/// of a request whose client hangs up before the answer; the event is then written on drop, with
+/// status 499 (never sent; nginx's "client closed request"), so every request still has one.
+pub struct Unanswered(Option<Entry>);
+
+/// The status logged for a request whose client left before its response.
+pub const CLIENT_CLOSED: u16 = 499;
+
+impl Unanswered {
+    pub fn new(entry: Entry) -> Unanswered {
+        Unanswered(Some(entry))
+    }
+
+    pub fn answer(mut self, response: Response<ProxyBody>) -> Response<ProxyBody> {
+        match self.0.take() {
+            Some(entry) => LoggedBody::wrap(response, entry),
+            None => response,
+        }
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        let Some(entry) = self.0.take() else {
             return;
         };
-        let duration = entry.started.elapsed();
-        let duration_ms = duration.as_secs_f64() * 1000.0;
-        let status = self.status;
-        // Both are set on the archive route only (archive: when the path gave a key).
-        let archive = match entry.note.route() {
-            Some(RouteMatch::Archive(key)) => Some(key.as_str()),
-            _ => None,
-        };
-        let noted = entry.note.outcome();
-        let outcome = noted.map(Outcome::as_str);
-        let _enter = entry.span.enter();
-        tracing::info!(
-            target: "oncegate::access",
-            request_id = entry.note.request_id(), method = %entry.method, path = %entry.path,
-            status, duration_ms, bytes = self.bytes, archive, outcome,
-            "request"
-        );
-        let handles = RequestMetrics::get();
-        if let Some(noted) = noted {
-            handles.downloads[noted as usize - 1].increment(1);
+        // A download nothing decided about (no claim yet) leaves its key free.
+        if entry.note.on_archive_route() && entry.note.outcome().is_none() {
+            entry.note.set_outcome(Outcome::Released);
         }
-        let archive_route = outcome.is_some();
-        handles.duration[usize::from(archive_route)].record(duration.as_secs_f64());
-        match KNOWN_STATUSES.iter().position(|known| *known == status) {
-            Some(index) => handles.requests[usize::from(archive_route)][index].increment(1),
-            None => {
-                let route = if archive_route { "archive" } else { "other" };
-                metrics::counter!("oncegate_requests_total", "route" => route, "status" => status.to_string())
-                    .increment(1);
-            }
+        log_event(entry, CLIENT_CLOSED, 0);
+    }
+}
+
+/// The access-log event and the request metrics of a finished request.
+fn log_event(entry: Entry, status: u16, bytes: u64) {
+    let duration = entry.started.elapsed();
+    let duration_ms = duration.as_secs_f64() * 1000.0;
+    // Both are set on the archive route only (archive: when the path gave a key).
+    let archive = match entry.note.route() {
+        Some(RouteMatch::Archive(key)) => Some(key.as_str()),
+        _ => None,
+    };
+    let noted = entry.note.outcome();
+    let outcome = noted.map(Outcome::as_str);
+    let _enter = entry.span.enter();
+    tracing::info!(
+        target: "oncegate::access",
+        request_id = entry.note.request_id(), method = %entry.method, path = %entry.path,
+        status, duration_ms, bytes, archive, outcome,
+        "request"
+    );
+    let handles = RequestMetrics::get();
+    if let Some(noted) = noted {
+        handles.downloads[noted as usize - 1].increment(1);
+    }
+    let archive_route = outcome.is_some();
+    handles.duration[usize::from(archive_route)].record(duration.as_secs_f64());
+    match KNOWN_STATUSES.iter().position(|known| *known == status) {
+        Some(index) => handles.requests[usize::from(archive_route)][index].increment(1),
+        None => {
+            let route = if archive_route { "archive" } else { "other" };
+            metrics::counter!("oncegate_requests_total", "route" => route, "status" => status.to_string())
+                .increment(1);
         }
     }
 }

@@ -18,7 +18,7 @@ use http::{Request, Response, Version};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use super::access_log::{AccessNote, Entry, LoggedBody, Outcome};
+use super::access_log::{AccessNote, Entry, Outcome, Unanswered};
 use super::auth::X_AUTH_TOKEN;
 use super::request_id::{accept_or_make_request_id, X_REQUEST_ID};
 use crate::body::ProxyBody;
@@ -80,7 +80,7 @@ where
         let note = Arc::new(AccessNote::new(request_id));
         request.extensions_mut().insert(note.clone());
         let span = tracing::info_span!("request", request_id = %note.request_id());
-        let entry = Entry::new(&request, note.clone(), span.clone());
+        let unanswered = Unanswered::new(Entry::new(&request, note.clone(), span.clone()));
         // An early answer leaves an unread request body on the connection: HTTP/1 clients are
         // told to close rather than have the body parsed as the next request.
         let close = request.version() <= Version::HTTP_11 && has_body(&request);
@@ -93,6 +93,9 @@ where
             .map(|response| AssertUnwindSafe(response).catch_unwind());
         Box::pin(
             async move {
+                // The inner future lives in the match below, a scope inside `unanswered`'s: when
+                // hyper drops this block (the client left), it goes first, and the event written
+                // on drop sees the outcome it leaves (a released claim, say). A test checks it.
                 let outcome = match response {
                     Ok(response) => response.await,
                     Err(panic) => Err(panic),
@@ -118,7 +121,7 @@ where
                 response
                     .headers_mut()
                     .insert(X_REQUEST_ID, note.request_id_header().clone());
-                Ok(LoggedBody::wrap(response, entry))
+                Ok(unanswered.answer(response))
             }
             .instrument(span),
         )
@@ -169,6 +172,48 @@ mod tests {
             .header(X_REQUEST_ID, "panic-1")
             .body(())
             .unwrap()
+    }
+
+    /// Sets the request's outcome when dropped, noting what the outcome was just before.
+    struct DecidesOnDrop {
+        note: Arc<AccessNote>,
+        seen: Arc<std::sync::Mutex<Option<Option<Outcome>>>>,
+    }
+
+    impl Drop for DecidesOnDrop {
+        fn drop(&mut self) {
+            *self.seen.lock().unwrap() = Some(self.note.outcome());
+            self.note.set_outcome(Outcome::Served);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_request_drops_its_inner_future_before_writing_its_event() {
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let probe_seen = seen.clone();
+        let never_answers = tower::service_fn(move |request: Request<()>| {
+            let note = request
+                .extensions()
+                .get::<Arc<AccessNote>>()
+                .unwrap()
+                .clone();
+            let route = crate::route::RouteTemplate::parse(crate::config::DEFAULT_ROUTE).unwrap();
+            note.set_route(route.classify("/v2/p/instances/i/assets/archives/a1", true));
+            let probe = DecidesOnDrop {
+                note,
+                seen: probe_seen.clone(),
+            };
+            async move {
+                let _probe = probe;
+                std::future::pending::<Result<Response<ProxyBody>, ProxyError>>().await
+            }
+        });
+        let mut edge = EdgeLayer::new(true).layer(never_answers);
+        let mut future = edge.call(with_id());
+        assert!(futures_util::poll!(&mut future).is_pending());
+        drop(future); // as hyper does when the client hangs up
+                      // The event, written after, sees the outcome the inner future decided, not a fallback.
+        assert_eq!(*seen.lock().unwrap(), Some(None));
     }
 
     #[tokio::test]

@@ -388,6 +388,7 @@ impl Claim {
     /// the store, so giving the key back could let it be downloaded twice (README, "Commit modes").
     fn commit(mut self, record: ServedRecord) -> Commit {
         let span = self.span.clone();
+        let note = self.note.clone();
         // Boxed: it holds the claim, the record and the ticket, and the download's own future
         // stays small enough for the allocator's per-thread cache.
         Commit {
@@ -410,6 +411,7 @@ impl Claim {
             })),
             started: false,
             span,
+            note,
         }
     }
 }
@@ -420,6 +422,8 @@ struct Commit {
     commit: Option<BoxFuture<'static, Result<(), ProxyError>>>,
     started: bool,
     span: tracing::Span,
+    /// Its request's log event is written when the waiter goes, before the commit ends.
+    note: Arc<AccessNote>,
 }
 
 impl Future for Commit {
@@ -442,10 +446,18 @@ impl Drop for Commit {
         if !self.started {
             return;
         }
-        if let Some(commit) = self.commit.take() {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(tracing::Instrument::instrument(commit, self.span.clone()));
-            }
+        let Some(commit) = self.commit.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // What the log shows: the record is on its way, and the archive counts as served.
+            self.note.set_outcome(Outcome::Served);
+            let finish = async move {
+                if let Err(e) = commit.await {
+                    tracing::warn!(error = %e, "could not record a download whose client left; the archive can be fetched again");
+                }
+            };
+            runtime.spawn(tracing::Instrument::instrument(finish, self.span.clone()));
         }
     }
 }
@@ -744,13 +756,23 @@ mod tests {
     #[tokio::test]
     async fn a_small_archive_whose_client_left_mid_commit_stays_served() {
         let (ledger, mut once) = gated_once(b"small zip");
-        let mut answer =
-            Box::pin(once.call(archive_request("/v2/p/instances/i/assets/archives/s1")));
+        let request = archive_request("/v2/p/instances/i/assets/archives/s1");
+        let note = request
+            .extensions()
+            .get::<Arc<AccessNote>>()
+            .unwrap()
+            .clone();
+        let mut answer = Box::pin(once.call(request));
         tokio::select! {
             _ = &mut answer => panic!("answered before the commit ended"),
             _ = ledger.commit_started.notified() => {}
         }
         drop(answer); // the client is gone
+        assert_eq!(
+            note.outcome(),
+            Some(Outcome::Served),
+            "what its log event shows"
+        );
         let state = state_once_the_commit_may_end(&ledger, "p/i/s1").await;
         assert!(
             matches!(state, KeyState::Served(_)),
