@@ -377,6 +377,20 @@ async fn a_client_that_hangs_up_before_its_answer_still_gets_an_access_event() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(status, StatusCode::OK);
+    // Counted as a broken transfer, not as the upstream's failure.
+    let metrics = request(proxy.admin, "GET", "/metrics", &[]).await;
+    let metrics = String::from_utf8_lossy(&metrics.body).to_string();
+    for line in [
+        "oncegate_downloads_total{outcome=\"released\"} 1",
+        "oncegate_downloads_total{outcome=\"served\"} 1",
+        "oncegate_requests_total{route=\"archive\",status=\"499\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing: {metrics}");
+    }
+    assert!(
+        !metrics.contains("outcome=\"upstream_error\"} 1"),
+        "{metrics}"
+    );
     let logs = proxy.terminate_and_read_logs().await;
     let event = logs
         .lines()

@@ -224,13 +224,15 @@ fn forward_claimed(
     record: RecordDraft,
 ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> {
     async move {
-        // Errors and non-2xx answers drop `claim`, which gives the key back.
-        claim.release_outcome = Outcome::UpstreamError;
-        let mut response = forwarding.await?;
-        if !response.status().is_success() {
-            return Ok(response);
-        }
-        claim.release_outcome = Outcome::Released;
+        // Errors and non-2xx answers drop `claim`, which gives the key back. Dropped while it
+        // waits (the client left), `claim` is noted as an ordinary release, not the upstream's.
+        let mut response = match forwarding.await {
+            Ok(response) if response.status().is_success() => response,
+            answered => {
+                claim.blame_upstream();
+                return answered;
+            }
+        };
         set_no_store(response.headers_mut());
         let expected = content_length(&response);
         match policy.commit {
@@ -245,9 +247,14 @@ fn forward_claimed(
             // durable (stricter than holding back only the final chunk).
             CommitMode::Complete if expected.is_some_and(|length| length <= WHOLE_BODY_LIMIT) => {
                 let (parts, body) = response.into_parts();
-                // Answered with a 502 or 504, so noted as the upstream's failure.
-                claim.release_outcome = Outcome::UpstreamError;
-                let bytes = read_whole(body, expected.unwrap_or(0)).await?;
+                let bytes = match read_whole(body, expected.unwrap_or(0)).await {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        // Answered with a 502 or 504, so noted as the upstream's failure.
+                        claim.blame_upstream();
+                        return Err(e);
+                    }
+                };
                 claim.commit(record.finish(bytes.len() as u64)).await?;
                 Ok(Response::from_parts(parts, crate::body::full(bytes)))
             }
@@ -377,6 +384,11 @@ impl Claim {
             span: tracing::Span::current(),
             release_outcome: Outcome::Released,
         }
+    }
+
+    /// A release from now on is the upstream's failure (`upstream_error` in the metrics).
+    fn blame_upstream(&mut self) {
+        self.release_outcome = Outcome::UpstreamError;
     }
 
     fn ticket(&self) -> Option<&Ticket> {
