@@ -156,6 +156,16 @@ impl Pending {
         }
     }
 
+    /// The journal's records a start found the file lacking: taken whatever the bound, as the
+    /// journal already holds them.
+    fn insert_replayed(&self, rows: &[Journaled]) {
+        let mut pending = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
+        for (_, digest, row) in rows {
+            self.digests.insert(*digest);
+            pending.insert(*digest, row.clone());
+        }
+    }
+
     /// Starts building a filter for twice the rows of the file (`file_rows`) and those pending:
     /// from now on it takes every new row's digest, and here those of the rows the file may not
     /// hold yet. Sized by rows, not by what the last filter took, so resets and expiry that keep
@@ -339,7 +349,9 @@ impl EmbeddedLedger {
         let db = LedgerFile::open(path).map_err(|e| unavailable(&e))?;
         migrate(&db).map_err(|e| unavailable(&e))?;
         // Only now, with the file locked to this process, is the journal safe to touch.
-        let (next_seq, next_segment) = replay_journal(&db, path).map_err(|e| unavailable(&e))?;
+        let replay = replay_journal(&db, path).map_err(|e| unavailable(&e))?;
+        let (next_seq, next_segment, applied) =
+            (replay.next_seq, replay.next_segment, replay.applied);
         let file = Arc::new(LedgerFile {
             path: path.to_path_buf(),
             db: RwLock::new(Some(Arc::new(db))),
@@ -348,6 +360,14 @@ impl EmbeddedLedger {
         let (health, pending) = (Arc::new(Health::default()), Arc::new(Pending::default()));
         let closed = Arc::new(ClosedSegments::default());
         let (to_file, file_ops) = mpsc::channel();
+        // The records a crash left in the journal only: served from now on, in the file soon.
+        if let Some(last) = replay.missing.iter().map(|(seq, _, _)| *seq).max() {
+            pending.insert_replayed(&replay.missing);
+            for segment in replay.segments {
+                closed.keep_until_applied(segment, last);
+            }
+            let _ = to_file.send(FileOp::Puts(replay.missing));
+        }
         let (writer, queue) = mpsc::channel();
         let spawn = |name: &str, work: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -364,7 +384,7 @@ impl EmbeddedLedger {
                     health.clone(),
                     closed.clone(),
                 );
-                move || apply_loop(&file, file_ops, next_seq - 1, &pending, &closed, &health)
+                move || apply_loop(&file, file_ops, applied, &pending, &closed, &health)
             }),
         )?;
         spawn(
@@ -408,11 +428,16 @@ impl EmbeddedLedger {
         self.pending.digests.is_ready()
     }
 
-    /// When a key the table does not know was served, from the file; a digest the filter has
-    /// never seen is not there, so a new key costs no read of the file.
+    /// When a key the table does not know was served: from the rows on their way to the file
+    /// (those a start found only in the journal), else from the file. A digest the filter has
+    /// never seen is in neither, so a new key costs no read. The rows come first: one leaves them
+    /// only once the file holds it, so it cannot slip between the two reads.
     fn stored(&self, digest: KeyDigest) -> Result<Option<ServedAt>, LedgerError> {
         if !self.pending.digests.may_hold(digest) {
             return Ok(None);
+        }
+        if let Some(row) = self.pending.row(digest) {
+            return Ok(Some(ServedAt(row_time(&row))));
         }
         self.file.served_at(digest)
     }
@@ -541,9 +566,23 @@ fn migrate_two_tables(db: &Database) -> Result<usize, redb::Error> {
     Ok(moved)
 }
 
-/// Moves the journal's records into the file (those it does not hold yet), then deletes the
-/// segments. Returns the next sequence number and the next segment's number.
-fn replay_journal(db: &Database, path: &Path) -> Result<(u64, u64), String> {
+/// What a start finds in the journal.
+struct Replay {
+    /// The journal's records the file does not hold yet (a crash before the file took them).
+    missing: Vec<Journaled>,
+    /// The segments holding them, kept until the file has them too.
+    segments: Vec<PathBuf>,
+    /// The highest sequence number the file holds.
+    applied: u64,
+    next_seq: u64,
+    next_segment: u64,
+}
+
+/// Reads the journal for the records the file lacks. They are not moved into the file here: the
+/// file thread takes them first thing, while requests already see them (`Pending`). A start
+/// after a crash is then as quick as any other (moving 65k records into a file of 10M took
+/// ~2 s). Segments with nothing missing are deleted at once.
+fn replay_journal(db: &Database, path: &Path) -> Result<Replay, String> {
     let segments = journal::segments(path).map_err(|e| e.to_string())?;
     let next_segment = segments.last().map_or(1, |(number, _)| number + 1);
     let entries = journal::replay(&segments).map_err(|e| e.to_string())?;
@@ -554,23 +593,27 @@ fn replay_journal(db: &Database, path: &Path) -> Result<(u64, u64), String> {
         .filter(|e| e.seq > applied)
         .map(|e| (e.seq, e.digest, e.row.into()))
         .collect();
-    if !missing.is_empty() {
+    let mut segments: Vec<PathBuf> = segments.into_iter().map(|(_, path)| path).collect();
+    if missing.is_empty() {
+        for segment in segments.drain(..) {
+            // One left behind is harmless: its entries are in the file, so skipped next time.
+            if let Err(e) = std::fs::remove_file(&segment) {
+                tracing::warn!(path = %segment.display(), error = %e, "cannot delete a journal segment");
+            }
+        }
+    } else {
         tracing::info!(
             records = missing.len(),
-            "moving journaled records into the ledger file"
+            "journaled records the ledger file lacks are moved into it in the background"
         );
     }
-    // The file thread's own transaction, in steps of `MIGRATE_ROWS`.
-    for chunk in missing.chunks(MIGRATE_ROWS) {
-        apply(db, chunk, None, &mut 0).map_err(|e| e.to_string())?;
-    }
-    for (_, segment) in &segments {
-        // One left behind is harmless: its entries are in the file now, so skipped next time.
-        if let Err(e) = std::fs::remove_file(segment) {
-            tracing::warn!(path = %segment.display(), error = %e, "cannot delete a journal segment");
-        }
-    }
-    Ok((newest.max(applied) + 1, next_segment))
+    Ok(Replay {
+        missing,
+        segments,
+        applied,
+        next_seq: newest.max(applied) + 1,
+        next_segment,
+    })
 }
 
 fn applied_through(db: &Database) -> Result<u64, redb::Error> {
@@ -1514,7 +1557,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn journaled_records_the_file_lacks_are_moved_in_at_open_and_resets_stay() {
+    async fn journaled_records_the_file_lacks_are_served_at_open_and_moved_in_after() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.redb");
         {
@@ -1535,14 +1578,34 @@ mod tests {
         drop(journal);
 
         let ledger = reopen(&path, None).await;
+        // Refused at once: the start leaves the record to the file thread, which waits up to
+        // `APPLY_WAIT` for more, so the refusal comes from the rows on their way to the file.
+        let crashed_digest = KeyDigest::of("p/i/crashed");
+        let in_file_at_open = ledger.file.served_at(crashed_digest).unwrap().is_some();
+        let crashed = ledger.claim("p/i/crashed", Duration::from_secs(60)).await;
+        assert_eq!(crashed.unwrap(), ClaimOutcome::Served);
+        assert!(
+            !in_file_at_open,
+            "the start moved the record into the file itself"
+        );
+        let kept = ledger.claim("p/i/kept", Duration::from_secs(60)).await;
+        assert_eq!(kept.unwrap(), ClaimOutcome::Served);
+        claim(&ledger, "p/i/reset").await;
+        // Then the file takes it, and only then is the journal segment deleted.
+        for _ in 0..500 {
+            if journal::segments(&path).unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert!(journal::segments(&path).unwrap().is_empty());
+        assert!(ledger.file.served_at(crashed_digest).unwrap().is_some());
+        drop(ledger);
+        let ledger = reopen(&path, None).await;
         let KeyState::Served(crashed) = ledger.lookup("p/i/crashed").await.unwrap() else {
             panic!("p/i/crashed was journaled, so it is served");
         };
         assert_eq!((crashed.key.as_str(), crashed.bytes), ("p/i/crashed", 42));
-        let kept = ledger.claim("p/i/kept", Duration::from_secs(60)).await;
-        assert_eq!(kept.unwrap(), ClaimOutcome::Served);
-        claim(&ledger, "p/i/reset").await;
     }
 
     #[tokio::test]

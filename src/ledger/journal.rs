@@ -43,6 +43,11 @@ impl ClosedSegments {
         }
     }
 
+    /// A segment from before the start, deleted once the file holds its entries (`last_seq`).
+    pub fn keep_until_applied(&self, path: PathBuf, last_seq: u64) {
+        self.push(path, last_seq);
+    }
+
     /// Deletes the segments whose entries are all in the redb file (`applied` and below).
     pub fn delete_applied(&self, applied: u64) {
         let Ok(mut closed) = self.0.lock() else {
