@@ -206,14 +206,11 @@ impl Unanswered {
 
 impl Drop for Unanswered {
     fn drop(&mut self) {
-        let Some(entry) = self.0.take() else {
-            return;
-        };
-        // A download nothing decided about (no claim yet) leaves its key free.
-        if entry.note.on_archive_route() && entry.note.outcome().is_none() {
-            entry.note.set_outcome(Outcome::Released);
+        // The outcome is whatever was decided before the client left (a claim released, a
+        // record on its way), and none when nothing was (it left during authentication, say).
+        if let Some(entry) = self.0.take() {
+            log_event(entry, CLIENT_CLOSED, 0);
         }
-        log_event(entry, CLIENT_CLOSED, 0);
     }
 }
 
@@ -239,7 +236,7 @@ fn log_event(entry: Entry, status: u16, bytes: u64) {
     if let Some(noted) = noted {
         handles.downloads[noted as usize - 1].increment(1);
     }
-    let archive_route = outcome.is_some();
+    let archive_route = entry.note.on_archive_route();
     handles.duration[usize::from(archive_route)].record(duration.as_secs_f64());
     match KNOWN_STATUSES.iter().position(|known| *known == status) {
         Some(index) => handles.requests[usize::from(archive_route)][index].increment(1),
@@ -253,8 +250,8 @@ fn log_event(entry: Entry, status: u16, bytes: u64) {
 
 /// The statuses the proxy itself answers with, and the usual upstream ones: their counters are
 /// looked up once. Others go through the registry on each request.
-const KNOWN_STATUSES: [u16; 18] = [
-    200, 204, 206, 301, 302, 304, 400, 401, 403, 404, 405, 409, 413, 429, 500, 502, 503, 504,
+const KNOWN_STATUSES: [u16; 19] = [
+    200, 204, 206, 301, 302, 304, 400, 401, 403, 404, 405, 409, 413, 429, 499, 500, 502, 503, 504,
 ];
 
 /// Metric handles bound once to the installed recorder (a registry lookup hashes the name and

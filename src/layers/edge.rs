@@ -91,11 +91,15 @@ where
         let response = span
             .in_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(request))))
             .map(|response| AssertUnwindSafe(response).catch_unwind());
+        // When hyper drops the block below (the client left), the inner future must go before
+        // the event is written, so the event sees the outcome it leaves (a released claim, say).
+        // Never polled, the block drops this pair, whose fields drop in order. Polled, the inner
+        // future is a binding of the match below, a scope inside `unanswered`'s, so it goes
+        // first. A test checks both cases.
+        let captured = (response, unanswered);
         Box::pin(
             async move {
-                // The inner future lives in the match below, a scope inside `unanswered`'s: when
-                // hyper drops this block (the client left), it goes first, and the event written
-                // on drop sees the outcome it leaves (a released claim, say). A test checks it.
+                let (response, unanswered) = captured;
                 let outcome = match response {
                     Ok(response) => response.await,
                     Err(panic) => Err(panic),
@@ -174,46 +178,84 @@ mod tests {
             .unwrap()
     }
 
-    /// Sets the request's outcome when dropped, noting what the outcome was just before.
-    struct DecidesOnDrop {
-        note: Arc<AccessNote>,
-        seen: Arc<std::sync::Mutex<Option<Option<Outcome>>>>,
-    }
+    /// Sets the request's outcome when dropped.
+    struct DecidesOnDrop(Arc<AccessNote>);
 
     impl Drop for DecidesOnDrop {
         fn drop(&mut self) {
-            *self.seen.lock().unwrap() = Some(self.note.outcome());
-            self.note.set_outcome(Outcome::Served);
+            self.0.set_outcome(Outcome::Served);
         }
     }
 
-    #[tokio::test]
-    async fn a_dropped_request_drops_its_inner_future_before_writing_its_event() {
-        let seen = Arc::new(std::sync::Mutex::new(None));
-        let probe_seen = seen.clone();
-        let never_answers = tower::service_fn(move |request: Request<()>| {
-            let note = request
-                .extensions()
-                .get::<Arc<AccessNote>>()
-                .unwrap()
-                .clone();
-            let route = crate::route::RouteTemplate::parse(crate::config::DEFAULT_ROUTE).unwrap();
-            note.set_route(route.classify("/v2/p/instances/i/assets/archives/a1", true));
-            let probe = DecidesOnDrop {
-                note,
-                seen: probe_seen.clone(),
-            };
-            async move {
-                let _probe = probe;
-                std::future::pending::<Result<Response<ProxyBody>, ProxyError>>().await
+    /// What a tracing subscriber writes, kept for the test to read.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl tracing_subscriber::fmt::MakeWriter<'_> for Captured {
+        type Writer = Captured;
+        fn make_writer(&self) -> Captured {
+            self.clone()
+        }
+    }
+
+    #[test]
+    fn a_request_dropped_unanswered_is_logged_after_its_inner_future_is_gone() {
+        for poll_first in [true, false] {
+            let captured = Captured::default();
+            let subscriber = tracing_subscriber::fmt()
+                .json()
+                .with_writer(captured.clone())
+                .finish();
+            let _logging = tracing::subscriber::set_default(subscriber);
+            let never_answers = tower::service_fn(|request: Request<()>| {
+                let note = request
+                    .extensions()
+                    .get::<Arc<AccessNote>>()
+                    .unwrap()
+                    .clone();
+                let route = crate::route::RouteTemplate::parse(crate::config::DEFAULT_ROUTE);
+                note.set_route(
+                    route
+                        .unwrap()
+                        .classify("/v2/p/instances/i/assets/archives/a1", true),
+                );
+                let decides = DecidesOnDrop(note);
+                async move {
+                    let _decides = decides;
+                    std::future::pending::<Result<Response<ProxyBody>, ProxyError>>().await
+                }
+            });
+            let mut future = EdgeLayer::new(true).layer(never_answers).call(with_id());
+            if poll_first {
+                let waker = futures_util::task::noop_waker();
+                assert!(future
+                    .as_mut()
+                    .poll(&mut Context::from_waker(&waker))
+                    .is_pending());
             }
-        });
-        let mut edge = EdgeLayer::new(true).layer(never_answers);
-        let mut future = edge.call(with_id());
-        assert!(futures_util::poll!(&mut future).is_pending());
-        drop(future); // as hyper does when the client hangs up
-                      // The event, written after, sees the outcome the inner future decided, not a fallback.
-        assert_eq!(*seen.lock().unwrap(), Some(None));
+            drop(future); // as hyper does when the client hangs up
+            let written = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+            let event: serde_json::Value = written
+                .lines()
+                .filter_map(|line| serde_json::from_str(line).ok())
+                .find(|event: &serde_json::Value| event["target"] == "oncegate::access")
+                .unwrap_or_else(|| panic!("no access event: {written}"));
+            assert_eq!(event["fields"]["status"], 499, "{event}");
+            assert_eq!(
+                event["fields"]["outcome"], "served",
+                "polled first: {poll_first}: {event}"
+            );
+        }
     }
 
     #[tokio::test]

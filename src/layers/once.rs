@@ -396,8 +396,10 @@ impl Claim {
     }
 
     /// Records the download. Once polled, the commit runs to its end even if its caller stops
-    /// waiting (a client gone mid-commit, a shutdown): the record may already be on its way to
-    /// the store, so giving the key back could let it be downloaded twice (README, "Commit modes").
+    /// waiting (a client gone mid-commit): the record may already be on its way to the store, so
+    /// giving the key back could let it be downloaded twice (README, "Commit modes"). A runtime
+    /// shutting down drops such a task; the client never got the end, so that is no second
+    /// download either, and a record that landed stays.
     fn commit(mut self, record: ServedRecord) -> Commit {
         let span = self.span.clone();
         let note = self.note.clone();
@@ -405,20 +407,18 @@ impl Claim {
         // stays small enough for the allocator's per-thread cache.
         Commit {
             commit: Some(Box::pin(async move {
-                let Some(ticket) = self.ticket.take() else {
+                // The claim keeps its ticket until the key is served: dropped any other way (a
+                // failed write, a panic in the store) it gives the key back.
+                let Some(ticket) = &self.ticket else {
                     return Err(ProxyError::Internal);
                 };
-                match self.ledger.commit(&ticket, record).await {
+                match self.ledger.commit(ticket, record).await {
                     Ok(()) => {
+                        self.ticket = None;
                         self.note.set_outcome(Outcome::Served);
                         Ok(())
                     }
-                    Err(e) => {
-                        // Dropped holding its ticket again: the key is given back.
-                        self.ticket = Some(ticket);
-                        drop(self);
-                        Err(ProxyError::StoreUnavailable(e.to_string()))
-                    }
+                    Err(e) => Err(ProxyError::StoreUnavailable(e.to_string())),
                 }
             })),
             started: false,
@@ -443,12 +443,16 @@ impl Future for Commit {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.started = true;
-        let Some(commit) = &mut self.commit else {
+        // Out while it is polled: a commit that panics is dropped as the panic unwinds (its
+        // claim released), never left behind for `drop` to resume in a task.
+        let Some(mut commit) = self.commit.take() else {
             return Poll::Ready(Err(ProxyError::Internal));
         };
-        let result = ready!(commit.as_mut().poll(cx));
-        self.commit = None;
-        Poll::Ready(result)
+        let polled = commit.as_mut().poll(cx);
+        if polled.is_pending() {
+            self.commit = Some(commit);
+        }
+        polled
     }
 }
 
@@ -690,6 +694,8 @@ mod tests {
         inner: MemoryLedger,
         commit_started: tokio::sync::Notify,
         gate: tokio::sync::Semaphore,
+        /// A bug in the store's commit.
+        panics: bool,
     }
 
     #[async_trait::async_trait]
@@ -702,6 +708,7 @@ mod tests {
         }
         async fn commit(&self, ticket: &Ticket, record: ServedRecord) -> Result<(), LedgerError> {
             self.commit_started.notify_one();
+            assert!(!self.panics, "the store's commit panicked");
             let _permit = self.gate.acquire().await;
             self.inner.commit(ticket, record).await
         }
@@ -727,6 +734,7 @@ mod tests {
     /// Content-Length.
     fn gated_once(
         archive: &'static [u8],
+        panics: bool,
     ) -> (
         Arc<GatedLedger>,
         impl Service<Request<()>, Response = Response<ProxyBody>, Error = ProxyError>,
@@ -735,6 +743,7 @@ mod tests {
             inner: MemoryLedger::new(None),
             commit_started: tokio::sync::Notify::new(),
             gate: tokio::sync::Semaphore::new(0),
+            panics,
         });
         let policy = Arc::new(OncePolicy {
             ledger: ledger.clone(),
@@ -767,7 +776,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_small_archive_whose_client_left_mid_commit_stays_served() {
-        let (ledger, mut once) = gated_once(b"small zip");
+        let (ledger, mut once) = gated_once(b"small zip", false);
         let request = archive_request("/v2/p/instances/i/assets/archives/s1");
         let note = request
             .extensions()
@@ -799,22 +808,59 @@ mod tests {
     #[tokio::test]
     async fn a_streamed_archive_whose_client_left_mid_commit_stays_served() {
         static LARGE: [u8; 64 * 1024] = [7; 64 * 1024];
-        let (ledger, mut once) = gated_once(&LARGE);
-        let response = once
-            .call(archive_request("/v2/p/instances/i/assets/archives/l1"))
-            .await
-            .unwrap();
+        let (ledger, mut once) = gated_once(&LARGE, false);
+        let request = archive_request("/v2/p/instances/i/assets/archives/l1");
+        let note = request
+            .extensions()
+            .get::<Arc<AccessNote>>()
+            .unwrap()
+            .clone();
+        let response = once.call(request).await.unwrap();
         let mut body = response.into_body();
         tokio::select! {
             _ = body.frame() => panic!("the final chunk went out before the commit ended"),
             _ = ledger.commit_started.notified() => {}
         }
         drop(body); // the client is gone
+        assert_eq!(
+            note.outcome(),
+            Some(Outcome::Served),
+            "what its log event shows"
+        );
         let state = state_once_the_commit_may_end(&ledger, "p/i/l1").await;
         assert!(
             matches!(state, KeyState::Served(_)),
             "a started commit ends in a record, not a free key: {state:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_panics_is_not_resumed_and_gives_its_key_back() {
+        use futures_util::FutureExt;
+        let (ledger, mut once) = gated_once(b"small zip", true);
+        let request = archive_request("/v2/p/instances/i/assets/archives/p1");
+        let note = request
+            .extensions()
+            .get::<Arc<AccessNote>>()
+            .unwrap()
+            .clone();
+        // As the edge does: the panic becomes a 500, and the future is dropped.
+        let answer = std::panic::AssertUnwindSafe(once.call(request))
+            .catch_unwind()
+            .await;
+        assert!(answer.is_err(), "the panic reaches the edge");
+        assert_ne!(
+            note.outcome(),
+            Some(Outcome::Served),
+            "nothing was recorded"
+        );
+        for _ in 0..100 {
+            if ledger.lookup("p/i/p1").await.unwrap() == KeyState::Unseen {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(ledger.lookup("p/i/p1").await.unwrap(), KeyState::Unseen);
     }
 
     #[tokio::test]
