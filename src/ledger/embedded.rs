@@ -52,18 +52,19 @@ const APPLIED_THROUGH: &str = "applied_through";
 /// How many queued writes one journal write (one fdatasync) takes at most.
 const MAX_BATCH: usize = 4096;
 
-/// How long journaled records gather before they are moved into the file together: a redb
-/// transaction costs ~49 µs a record in groups of 16, ~16 µs in groups of 1,024 (random keys,
-/// 200k rows), and at full load the file thread spent ~10 µs a record every 100 ms against
-/// ~5.5 µs every second, as more records share each leaf page it rewrites (docs/BENCHMARKS.md).
-const APPLY_WAIT: Duration = Duration::from_secs(1);
+/// How long journaled records gather before they are moved into the file together. A redb
+/// transaction rewrites about one leaf page per record until it holds about as many records as the
+/// file has leaves (~75k at 1M records): 20k-record transactions cost 21–26 µs a record at 1M
+/// records, 100k-record ones 14–17 (docs/BENCHMARKS.md, "the file thread's batches").
+const APPLY_WAIT: Duration = Duration::from_secs(5);
 
 /// Records moved into the file per transaction at most.
-const APPLY_ROWS: usize = 16_384;
+const APPLY_ROWS: usize = 131_072;
 
-/// Journaled records not yet in the file at most; past this, commits wait for the file to catch
-/// up, so memory stays bounded when the disk is slower than the journal.
-const MAX_PENDING: usize = 65_536;
+/// Journaled records not yet in the file at most (~300 bytes of memory each); past this, commits
+/// wait for the file to catch up, so memory stays bounded when the disk is slower than the
+/// journal. Twice a transaction, so records keep coming while one is written.
+const MAX_PENDING: usize = 2 * APPLY_ROWS;
 
 /// Rows of the file one sweep looks at for records past retention that were never read since
 /// the start (those read are swept from memory); the next sweep goes on from there.
