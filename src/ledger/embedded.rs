@@ -113,10 +113,14 @@ enum FileOp {
 /// A journaled record: its sequence number, its key's digest and its row.
 type Journaled = (u64, KeyDigest, Arc<[u8]>);
 
-/// Journaled records the file does not hold yet, so a lookup finds their details.
+/// Journaled records the file does not hold yet: a lookup finds their details here, and a claim
+/// finds those a start took from the journal (the claim table knows every other one).
 #[derive(Default)]
 struct Pending {
     rows: Mutex<HashMap<KeyDigest, Arc<[u8]>, BuildHasherDefault<DigestHasher>>>,
+    /// Set while rows a start took from the journal are not in the file yet: only then must a
+    /// claim look here before the file.
+    replayed: AtomicBool,
     /// Signalled when rows leave, for a journal thread waiting at `MAX_PENDING`.
     shrunk: Condvar,
     /// Every digest the file holds or is about to take; rows enter it under `rows`' lock, so a
@@ -126,7 +130,18 @@ struct Pending {
 
 impl Pending {
     fn row(&self, digest: KeyDigest) -> Option<Arc<[u8]>> {
-        self.rows.lock().ok()?.get(&digest).cloned()
+        // Poisoned or not, the rows are all there: a row missed here could be served twice.
+        let pending = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
+        pending.get(&digest).cloned()
+    }
+
+    /// A row a start took from the journal, while the file may not hold it yet.
+    fn replayed_row(&self, digest: KeyDigest) -> Option<Arc<[u8]>> {
+        if self.replayed.load(Ordering::Acquire) {
+            self.row(digest)
+        } else {
+            None
+        }
     }
 
     /// Waits until there is room for `more` rows, unless the file cannot be written (then no
@@ -165,6 +180,7 @@ impl Pending {
             self.digests.insert(*digest);
             pending.insert(*digest, row.clone());
         }
+        self.replayed.store(!rows.is_empty(), Ordering::Release);
     }
 
     /// Starts building a filter for twice the rows of the file (`file_rows`) and those pending:
@@ -184,18 +200,21 @@ impl Pending {
         filter
     }
 
-    /// Forgets rows the file now holds (unless a newer row for the key took their place).
+    /// Forgets rows the file now holds (unless a newer row for the key took their place). The
+    /// replayed rows are in the file after the first transaction that succeeds: they are its
+    /// first records.
     fn applied(&self, rows: &[Journaled]) {
-        if let Ok(mut pending) = self.rows.lock() {
-            for (_, digest, row) in rows {
-                if pending
-                    .get(digest)
-                    .is_some_and(|held| Arc::ptr_eq(held, row))
-                {
-                    pending.remove(digest);
-                }
+        let mut pending = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
+        for (_, digest, row) in rows {
+            if pending
+                .get(digest)
+                .is_some_and(|held| Arc::ptr_eq(held, row))
+            {
+                pending.remove(digest);
             }
         }
+        self.replayed.store(false, Ordering::Release);
+        drop(pending);
         self.shrunk.notify_all();
     }
 }
@@ -362,12 +381,12 @@ impl EmbeddedLedger {
         let closed = Arc::new(ClosedSegments::default());
         let (to_file, file_ops) = mpsc::channel();
         // The records a crash left in the journal only: served from now on, in the file soon.
-        if let Some(last) = replay.missing.iter().map(|(seq, _, _)| *seq).max() {
-            pending.insert_replayed(&replay.missing);
+        let replayed = replay.missing;
+        if let Some(last) = replayed.iter().map(|(seq, _, _)| *seq).max() {
+            pending.insert_replayed(&replayed);
             for segment in replay.segments {
                 closed.keep_until_applied(segment, last);
             }
-            let _ = to_file.send(FileOp::Puts(replay.missing));
         }
         let (writer, queue) = mpsc::channel();
         let spawn = |name: &str, work: Box<dyn FnOnce() + Send>| {
@@ -385,7 +404,13 @@ impl EmbeddedLedger {
                     health.clone(),
                     closed.clone(),
                 );
-                move || apply_loop(&file, file_ops, applied, &pending, &closed, &health)
+                move || {
+                    let start = FileStart {
+                        replayed,
+                        applied_seq: applied,
+                    };
+                    apply_loop(&file, file_ops, start, &pending, &closed, &health)
+                }
             }),
         )?;
         spawn(
@@ -429,15 +454,15 @@ impl EmbeddedLedger {
         self.pending.digests.is_ready()
     }
 
-    /// When a key the table does not know was served: from the rows on their way to the file
-    /// (those a start found only in the journal), else from the file. A digest the filter has
-    /// never seen is in neither, so a new key costs no read. The rows come first: one leaves them
-    /// only once the file holds it, so it cannot slip between the two reads.
+    /// When a key the table does not know was served: from the rows a start found only in the
+    /// journal (while the file may lack them), else from the file. A digest the filter has never
+    /// seen is in neither, so a new key costs no read. The rows come first: one leaves them only
+    /// once the file holds it, so it cannot slip between the two reads.
     fn stored(&self, digest: KeyDigest) -> Result<Option<ServedAt>, LedgerError> {
         if !self.pending.digests.may_hold(digest) {
             return Ok(None);
         }
-        if let Some(row) = self.pending.row(digest) {
+        if let Some(row) = self.pending.replayed_row(digest) {
             return Ok(Some(ServedAt(row_time(&row))));
         }
         self.file.served_at(digest)
@@ -567,11 +592,18 @@ fn migrate_two_tables(db: &Database) -> Result<usize, redb::Error> {
     Ok(moved)
 }
 
+/// Where the file thread starts: the records a start found only in the journal, and the highest
+/// sequence number the file holds.
+struct FileStart {
+    replayed: Vec<Journaled>,
+    applied_seq: u64,
+}
+
 /// What a start finds in the journal.
 struct Replay {
     /// The journal's records the file does not hold yet (a crash before the file took them).
     missing: Vec<Journaled>,
-    /// The segments holding them, kept until the file has them too.
+    /// Every segment when any record is missing (kept until the file has them all), else none.
     segments: Vec<PathBuf>,
     /// The highest sequence number the file holds.
     applied: u64,
@@ -580,9 +612,9 @@ struct Replay {
 }
 
 /// Reads the journal for the records the file lacks. They are not moved into the file here: the
-/// file thread takes them first thing, while requests already see them (`Pending`). A start
+/// file thread writes them first thing, while requests already see them (`Pending`). A start
 /// after a crash is then as quick as any other (moving 65k records into a file of 10M took
-/// ~2 s). Segments with nothing missing are deleted at once.
+/// ~2 s). When nothing is missing, the segments are deleted at once.
 fn replay_journal(db: &Database, path: &Path) -> Result<Replay, String> {
     let segments = journal::segments(path).map_err(|e| e.to_string())?;
     let next_segment = segments.last().map_or(1, |(number, _)| number + 1);
@@ -878,14 +910,17 @@ fn sync_journal(
 fn apply_loop(
     file: &LedgerFile,
     ops: mpsc::Receiver<FileOp>,
-    mut applied_seq: u64,
+    start: FileStart,
     pending: &Pending,
     closed: &ClosedSegments,
     health: &Health,
 ) {
     let mut sweep_from = 0u128;
+    let mut applied_seq = start.applied_seq;
     // Records not in the file yet: gathered, or kept after a failed transaction to try again.
-    let mut puts: Vec<Journaled> = Vec::new();
+    // Those a start found only in the journal go first, at once.
+    let mut puts: Vec<Journaled> = start.replayed;
+    let mut write_now = !puts.is_empty();
     let mut stopping = false;
     while !stopping {
         // At most one other operation, and it comes last: the transaction keeps the journal's
@@ -898,18 +933,20 @@ fn apply_loop(
             }
             FileOp::Other(op, done) => Some((op, done)),
         };
-        match ops.recv() {
-            Ok(op) => other = take(op, &mut puts),
-            Err(_) if puts.is_empty() => break,
-            Err(_) => stopping = true,
-        }
-        // Records wait to be written in numbers; any other operation is answered at once.
-        let deadline = Instant::now() + APPLY_WAIT;
-        while puts.len() < APPLY_ROWS && !stopping && other.is_none() {
-            match ops.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        if !std::mem::take(&mut write_now) {
+            match ops.recv() {
                 Ok(op) => other = take(op, &mut puts),
-                Err(mpsc::RecvTimeoutError::Timeout) => break,
-                Err(mpsc::RecvTimeoutError::Disconnected) => stopping = true,
+                Err(_) if puts.is_empty() => break,
+                Err(_) => stopping = true,
+            }
+            // Records wait to be written in numbers; any other operation is answered at once.
+            let deadline = Instant::now() + APPLY_WAIT;
+            while puts.len() < APPLY_ROWS && !stopping && other.is_none() {
+                match ops.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(op) => other = take(op, &mut puts),
+                    Err(mpsc::RecvTimeoutError::Timeout) => break,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => stopping = true,
+                }
             }
         }
         while other.is_none() {
@@ -1579,16 +1616,10 @@ mod tests {
         drop(journal);
 
         let ledger = reopen(&path, None).await;
-        // Refused at once: the start leaves the record to the file thread, which waits up to
-        // `APPLY_WAIT` for more, so the refusal comes from the rows on their way to the file.
+        // Refused at once, from memory or (once the file thread wrote it) from the file.
         let crashed_digest = KeyDigest::of("p/i/crashed");
-        let in_file_at_open = ledger.file.served_at(crashed_digest).unwrap().is_some();
         let crashed = ledger.claim("p/i/crashed", Duration::from_secs(60)).await;
         assert_eq!(crashed.unwrap(), ClaimOutcome::Served);
-        assert!(
-            !in_file_at_open,
-            "the start moved the record into the file itself"
-        );
         let kept = ledger.claim("p/i/kept", Duration::from_secs(60)).await;
         assert_eq!(kept.unwrap(), ClaimOutcome::Served);
         claim(&ledger, "p/i/reset").await;
@@ -1607,6 +1638,23 @@ mod tests {
             panic!("p/i/crashed was journaled, so it is served");
         };
         assert_eq!((crashed.key.as_str(), crashed.bytes), ("p/i/crashed", 42));
+    }
+
+    #[tokio::test]
+    async fn records_a_start_found_only_in_the_journal_are_refused_before_the_file_has_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = EmbeddedLedger::open(&dir.path().join("ledger.redb"), None).unwrap();
+        // As a start leaves them, but never handed to the file thread: only memory has them.
+        let digest = KeyDigest::of("p/i/journaled");
+        let row: Arc<[u8]> = record_row(&record("p/i/journaled")).into();
+        ledger.pending.insert_replayed(&[(1, digest, row)]);
+        assert!(ledger.file.served_at(digest).unwrap().is_none());
+        let refused = ledger.claim("p/i/journaled", Duration::from_secs(60)).await;
+        assert_eq!(refused.unwrap(), ClaimOutcome::Served);
+        let KeyState::Served(found) = ledger.lookup("p/i/journaled").await.unwrap() else {
+            panic!("a journaled record is served");
+        };
+        assert_eq!(found.key, "p/i/journaled");
     }
 
     #[tokio::test]
