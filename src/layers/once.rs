@@ -761,6 +761,29 @@ mod tests {
         (ledger, OnceLayer::new(policy).layer(upstream))
     }
 
+    fn note_of(request: &Request<()>) -> Arc<AccessNote> {
+        request
+            .extensions()
+            .get::<Arc<AccessNote>>()
+            .unwrap()
+            .clone()
+    }
+
+    /// After the client left mid-commit: its event says served, and once the commit may end the
+    /// key is served, not free.
+    async fn served_although_its_client_left(ledger: &GatedLedger, note: &AccessNote, key: &str) {
+        assert_eq!(
+            note.outcome(),
+            Some(Outcome::Served),
+            "what its log event shows"
+        );
+        let state = state_once_the_commit_may_end(ledger, key).await;
+        assert!(
+            matches!(state, KeyState::Served(_)),
+            "a started commit ends in a record, not a free key: {state:?}"
+        );
+    }
+
     /// Lets the gated commit finish, then waits (bounded) for the key to leave "in flight".
     async fn state_once_the_commit_may_end(ledger: &GatedLedger, key: &str) -> KeyState {
         ledger.gate.add_permits(1);
@@ -778,27 +801,14 @@ mod tests {
     async fn a_small_archive_whose_client_left_mid_commit_stays_served() {
         let (ledger, mut once) = gated_once(b"small zip", false);
         let request = archive_request("/v2/p/instances/i/assets/archives/s1");
-        let note = request
-            .extensions()
-            .get::<Arc<AccessNote>>()
-            .unwrap()
-            .clone();
+        let note = note_of(&request);
         let mut answer = Box::pin(once.call(request));
         tokio::select! {
             _ = &mut answer => panic!("answered before the commit ended"),
             _ = ledger.commit_started.notified() => {}
         }
         drop(answer); // the client is gone
-        assert_eq!(
-            note.outcome(),
-            Some(Outcome::Served),
-            "what its log event shows"
-        );
-        let state = state_once_the_commit_may_end(&ledger, "p/i/s1").await;
-        assert!(
-            matches!(state, KeyState::Served(_)),
-            "a started commit ends in a record, not a free key: {state:?}"
-        );
+        served_although_its_client_left(&ledger, &note, "p/i/s1").await;
         let again = once
             .call(archive_request("/v2/p/instances/i/assets/archives/s1"))
             .await;
@@ -810,11 +820,7 @@ mod tests {
         static LARGE: [u8; 64 * 1024] = [7; 64 * 1024];
         let (ledger, mut once) = gated_once(&LARGE, false);
         let request = archive_request("/v2/p/instances/i/assets/archives/l1");
-        let note = request
-            .extensions()
-            .get::<Arc<AccessNote>>()
-            .unwrap()
-            .clone();
+        let note = note_of(&request);
         let response = once.call(request).await.unwrap();
         let mut body = response.into_body();
         tokio::select! {
@@ -822,16 +828,7 @@ mod tests {
             _ = ledger.commit_started.notified() => {}
         }
         drop(body); // the client is gone
-        assert_eq!(
-            note.outcome(),
-            Some(Outcome::Served),
-            "what its log event shows"
-        );
-        let state = state_once_the_commit_may_end(&ledger, "p/i/l1").await;
-        assert!(
-            matches!(state, KeyState::Served(_)),
-            "a started commit ends in a record, not a free key: {state:?}"
-        );
+        served_although_its_client_left(&ledger, &note, "p/i/l1").await;
     }
 
     #[tokio::test]
@@ -839,11 +836,7 @@ mod tests {
         use futures_util::FutureExt;
         let (ledger, mut once) = gated_once(b"small zip", true);
         let request = archive_request("/v2/p/instances/i/assets/archives/p1");
-        let note = request
-            .extensions()
-            .get::<Arc<AccessNote>>()
-            .unwrap()
-            .clone();
+        let note = note_of(&request);
         // As the edge does: the panic becomes a 500, and the future is dropped.
         let answer = std::panic::AssertUnwindSafe(once.call(request))
             .catch_unwind()
