@@ -1623,8 +1623,9 @@ mod tests {
         let kept = ledger.claim("p/i/kept", Duration::from_secs(60)).await;
         assert_eq!(kept.unwrap(), ClaimOutcome::Served);
         claim(&ledger, "p/i/reset").await;
-        // Then the file takes it, and only then is the journal segment deleted.
-        for _ in 0..500 {
+        // Then the file takes it at once (well inside `APPLY_WAIT`), and only then is the
+        // journal segment deleted.
+        for _ in 0..200 {
             if journal::segments(&path).unwrap().is_empty() {
                 break;
             }
