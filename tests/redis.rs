@@ -371,3 +371,68 @@ async fn scripts_redis_has_forgotten_are_loaded_again() {
         KeyState::Unseen
     ));
 }
+
+/// A claim's `SET` can land although its answer is never awaited: the client left while it was
+/// on its way, or Redis answered too late. The ledger then gives the key back at once, instead of
+/// leaving it "in flight", held by nobody, for the whole lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_answer_is_never_awaited_is_given_back() {
+    use oncegate::ledger::redis::RedisLedger;
+    use oncegate::ledger::{ClaimOutcome, KeyState, Ledger, LedgerError};
+
+    let redis = RedisServer::start();
+    let ledger = RedisLedger::new(&redis.url(), "unanswered:", None).unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let lease = Duration::from_secs(600);
+    // Connected before the pause, so each claim's `SET` goes out when it is first polled.
+    assert!(matches!(
+        ledger.lookup("warm-up").await,
+        Ok(KeyState::Unseen)
+    ));
+
+    for (key, patience) in [
+        ("client-left", Duration::from_millis(300)),
+        ("too-slow", Duration::from_secs(10)),
+    ] {
+        // Redis holds every write until unpaused: the claim's `SET` waits there, unanswered.
+        let () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(60_000)
+            .arg("WRITE")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(patience, ledger.claim(key, lease)).await;
+        match key {
+            // The caller stopped waiting: the claim's future was dropped mid-flight.
+            "client-left" => assert!(answer.is_err(), "{key}: {answer:?}"),
+            // The ledger's own command timeout answered first.
+            _ => assert!(
+                matches!(answer, Ok(Err(LedgerError::Unavailable(_)))),
+                "{key}: {answer:?}"
+            ),
+        }
+        let () = redis::cmd("CLIENT")
+            .arg("UNPAUSE")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        // The `SET` lands now, and the release sent after it removes it again.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match ledger.lookup(key).await.unwrap() {
+                KeyState::Unseen => break,
+                state => assert!(
+                    Instant::now() < deadline,
+                    "{key} was left {state:?} for the rest of its lease"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            matches!(ledger.claim(key, lease).await, Ok(ClaimOutcome::Claimed(_))),
+            "{key} can be claimed again"
+        );
+    }
+}

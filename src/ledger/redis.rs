@@ -140,26 +140,22 @@ impl RedisLedger {
         command
     }
 
-    /// Runs a command from `evalsha`; where Redis does not know the script (a restart, a
-    /// `SCRIPT FLUSH`), loads it and runs the command again.
+    /// Deletes the key if `ticket` still holds it.
+    fn release_command(&self, ticket: &Ticket) -> redis::Cmd {
+        let mut command = Self::evalsha(&self.scripts.release, 1, 1, ticket.key.len() + 48);
+        command
+            .arg(self.redis_key(&ticket.key))
+            .arg(&Self::ticket_value(ticket)[..]);
+        command
+    }
+
+    /// [`run_script`] on this ledger's connection.
     async fn run<T: redis::FromRedisValue>(
         &self,
         script: &Script,
         command: redis::Cmd,
     ) -> Result<T, LedgerError> {
-        let mut connection = self.connection.clone();
-        within_time(async {
-            match send(&mut connection, &command).await {
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    script.load_async(&mut connection).await?;
-                    send(&mut connection, &command).await
-                }
-                answer => answer,
-            }
-        })
-        .await
+        run_script(self.connection.clone(), script, command).await
     }
 
     async fn query<T: redis::FromRedisValue>(&self, command: redis::Cmd) -> Result<T, LedgerError> {
@@ -196,6 +192,60 @@ impl RedisLedger {
             },
         }
     }
+}
+
+/// A claim's ticket until Redis answers the claim. The `SET` may land although its answer never
+/// comes back here (the client left and the request was dropped, or the command timed out), and
+/// then nobody would hold the key until the lease ran out (`once.inflight_lease`, 10 minutes by
+/// default): dropped unanswered, it sends a release after the `SET`. On the same connection the
+/// release runs after it; if the `SET` never went out, the release finds nothing of its own.
+struct UnansweredClaim<'a> {
+    ledger: &'a RedisLedger,
+    ticket: Option<Ticket>,
+}
+
+impl UnansweredClaim<'_> {
+    fn answered(mut self) -> Ticket {
+        self.ticket.take().expect("answered once")
+    }
+}
+
+impl Drop for UnansweredClaim<'_> {
+    fn drop(&mut self) {
+        let Some(ticket) = self.ticket.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let command = self.ledger.release_command(&ticket);
+        let connection = self.ledger.connection.clone();
+        let script = self.ledger.scripts.release.clone();
+        runtime.spawn(async move {
+            if let Err(e) = run_script::<i64>(connection, &script, command).await {
+                tracing::warn!(key = %ticket.key, error = %e, "could not release an unanswered claim; the key stays in flight until its lease ends");
+            }
+        });
+    }
+}
+
+/// Runs a command from `RedisLedger::evalsha`; where Redis does not know the script (a restart,
+/// a `SCRIPT FLUSH`), loads it and runs the command again.
+async fn run_script<T: redis::FromRedisValue>(
+    mut connection: ConnectionManager,
+    script: &Script,
+    command: redis::Cmd,
+) -> Result<T, LedgerError> {
+    within_time(async {
+        match send(&mut connection, &command).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                script.load_async(&mut connection).await?;
+                send(&mut connection, &command).await
+            }
+            answer => answer,
+        }
+    })
+    .await
 }
 
 /// One command's answer. Through the connection manager's own method: `query_async` and
@@ -273,7 +323,13 @@ impl Ledger for RedisLedger {
             .arg("PX")
             .arg(lease.as_millis().max(1) as u64)
             .arg("GET");
-        match self.query::<Option<String>>(command).await? {
+        let unanswered = UnansweredClaim {
+            ledger: self,
+            ticket: Some(ticket),
+        };
+        let held = self.query::<Option<String>>(command).await?;
+        let ticket = unanswered.answered();
+        match held {
             None => Ok(ClaimOutcome::Claimed(ticket)),
             held => match Self::parse_state(key, held) {
                 KeyState::Served(record) => {
@@ -323,12 +379,10 @@ impl Ledger for RedisLedger {
     }
 
     async fn release(&self, ticket: &Ticket) -> Result<(), LedgerError> {
-        let script = &self.scripts.release;
-        let mut command = Self::evalsha(script, 1, 1, ticket.key.len() + 48);
-        command
-            .arg(self.redis_key(&ticket.key))
-            .arg(&Self::ticket_value(ticket)[..]);
-        self.run::<i64>(script, command).await.map(|_| ())
+        let command = self.release_command(ticket);
+        self.run::<i64>(&self.scripts.release, command)
+            .await
+            .map(|_| ())
     }
 
     async fn lookup(&self, key: &str) -> Result<KeyState, LedgerError> {
