@@ -197,18 +197,32 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_fixed_hop_by_hop) {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
+    let connection = headers.get_all(header::CONNECTION);
+    // The usual `Connection: keep-alive` (or `close`) names nothing to look for.
+    if connection.iter().all(|value| {
+        let value = value.as_bytes();
+        value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
+    }) {
+        remove_fixed_hop_by_hop(headers);
+        return;
+    }
+    let named: Vec<HeaderName> = connection
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .map(str::trim)
+        // `keep-alive` and `close`, the usual tokens, need no lookup: the first goes below anyway.
+        .filter(|token| !names_fixed_hop_by_hop(token) && !token.eq_ignore_ascii_case("close"))
         .filter(|name| headers.contains_key(*name))
         .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
     for name in named {
         headers.remove(name);
     }
+    remove_fixed_hop_by_hop(headers);
+}
+
+fn remove_fixed_hop_by_hop(headers: &mut HeaderMap) {
     while let Some(name) = headers
         .keys()
         .find(|name| is_fixed_hop_by_hop(name))
@@ -219,14 +233,26 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The names RFC 9110 §7.6.1 and common practice make hop-by-hop whatever `Connection` says.
+static FIXED_HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Compared as names, not as text: a standard name's text is looked up in a table each time.
 fn is_fixed_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
+    FIXED_HOP_BY_HOP.contains(name)
+}
+
+/// Whether a `Connection` token (case-insensitive) is one of [`FIXED_HOP_BY_HOP`].
+fn names_fixed_hop_by_hop(token: &str) -> bool {
+    FIXED_HOP_BY_HOP
+        .iter()
+        .any(|name| token.eq_ignore_ascii_case(name.as_str()))
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
@@ -274,6 +300,27 @@ mod tests {
         remove_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn the_usual_connection_tokens_go_with_their_header() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Keep-Alive, CLOSE, x-absent, X-Named"),
+        );
+        headers.insert("x-named", HeaderValue::from_static("1"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("42"));
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key(header::CONTENT_LENGTH));
+
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key(header::CONTENT_TYPE));
     }
 
     #[test]
