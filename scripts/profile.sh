@@ -3,12 +3,14 @@
 # goes"). Needs the harness's servers (upstream on :18080, nginx :18081, haproxy :18082):
 #   bash ../shared/bench/servers.sh start pinned
 #
-#   scripts/profile.sh instructions <unique|repeat> [memory|redis://host:port]
-#       user-space instructions per request of target/release/oncegate (memory ledger, or the
-#       Redis ledger on a redis-server already running there) under valgrind's callgrind,
-#       counted over a 5 s wrk run after a 2 s warm-up; deterministic to about 0.1 %, unlike
-#       times on this VM. callgrind emulates no SHA extensions, so each SHA-256 digest costs
-#       ~3.4k instructions here against ~100 ns natively. CALLGRIND_OUT=<file> keeps the profile.
+#   scripts/profile.sh instructions <unique|repeat> [memory|embedded|redis://host:port]
+#       user-space instructions per request of target/release/oncegate (memory ledger, the
+#       embedded ledger on a fresh file, or the Redis ledger on a redis-server already running
+#       there) under valgrind's callgrind, counted over a 5 s wrk run after a 2 s warm-up;
+#       deterministic to about 0.1 %, unlike times on this VM. callgrind emulates no SHA
+#       extensions, so each SHA-256 digest costs ~3.4k instructions here against ~100 ns
+#       natively. CALLGRIND_OUT=<file> keeps the profile. The embedded ledger is counted thread
+#       by thread, including the 6 s after the run in which its threads finish the run's records.
 #   scripts/profile.sh cpu <pid> <port> <unique|repeat>
 #       user and kernel µs per request of any running proxy process (from /proc/<pid>/stat)
 #       over a 6 s wrk run, wrk on CPU 0.
@@ -54,12 +56,18 @@ case ${1:-} in
     dir=$(mktemp -d)
     trap 'rm -rf "$dir"' EXIT
     port=18099
-    store='kind = "memory"'
-    [[ $ledger == redis://* ]] && store="kind = \"redis\"
-url = \"$ledger\""
+    store='kind = "memory"' per_thread=()
+    case $ledger in
+      redis://*) store="kind = \"redis\"
+url = \"$ledger\"" ;;
+      embedded)
+        store="kind = \"embedded\"
+path = \"$dir/ledger.redb\""
+        per_thread=(--separate-threads=yes) ;;
+    esac
     bench_config "$dir/oncegate.toml" "$port" "$store"
     TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$dir/cg.out" \
-      target/release/oncegate run --config "$dir/oncegate.toml" 2>/dev/null &
+      "${per_thread[@]}" target/release/oncegate run --config "$dir/oncegate.toml" 2>/dev/null &
     pid=$!
     for _ in $(seq 100); do
       curl -s -o /dev/null "http://127.0.0.1:$port/" && break
@@ -69,9 +77,27 @@ url = \"$ledger\""
     load 2 "$url" "$kind" >/dev/null
     callgrind_control -z "$pid" >/dev/null 2>&1
     requests=$(load 5 "$url" "$kind")
+    # The file thread moves records into the file up to 5 s after they come (APPLY_WAIT).
+    [[ $ledger == embedded ]] && sleep 6
     callgrind_control -d "$pid" >/dev/null 2>&1
     kill "$pid"
     wait "$pid" 2>/dev/null || true
+    if [[ $ledger == embedded ]]; then
+      echo "$kind (embedded): $requests requests; instructions per request, by thread:"
+      # One dump per thread (cg.out.1-NN), named here by a function only that thread runs.
+      for dump in "$dir"/cg.out.1-*; do
+        instructions=$(grep -m1 '^summary:' "$dump" | awk '{print $2}')
+        ((instructions / requests > 0)) || continue
+        name=other
+        if grep -q 'hyper::proto' "$dump"; then name=request
+        elif grep -q 'Journal::push' "$dump"; then name=ledger-journal
+        elif grep -q 'WriteTransaction::commit' "$dump"; then name=ledger-file
+        elif grep -q 'digest_filter' "$dump"; then name=ledger-digests
+        fi
+        printf '  %-15s %7d\n' "$name" $((instructions / requests))
+      done
+      exit 0
+    fi
     dump=$(ls -t "$dir"/cg.out.* | head -1)
     instructions=$(grep -m1 '^summary:' "$dump" | awk '{print $2}')
     [[ -n ${CALLGRIND_OUT:-} ]] && cp "$dump" "$CALLGRIND_OUT"
