@@ -436,3 +436,87 @@ async fn a_claim_whose_answer_is_never_awaited_is_given_back() {
         );
     }
 }
+
+/// End to end: a client that hangs up while its claim waits in Redis leaves the archive
+/// downloadable at once, not "in flight" for the rest of the lease (10 minutes by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_during_its_claim_leaves_the_archive_downloadable() {
+    use tokio::io::AsyncWriteExt;
+
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let proxy = start_proxy(&upstream, &redis_extra(&redis, "")).await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let admin = client.get_multiplexed_async_connection().await.unwrap();
+    let admin_command = |args: &'static [&'static str]| {
+        let mut command = redis::cmd(args[0]);
+        command.arg(&args[1..]);
+        let mut admin = admin.clone();
+        async move {
+            match command
+                .query_async::<redis::Value>(&mut admin)
+                .await
+                .unwrap()
+            {
+                redis::Value::BulkString(text) => String::from_utf8_lossy(&text).to_string(),
+                redis::Value::VerbatimString { text, .. } => text,
+                _ => String::new(),
+            }
+        }
+    };
+    // The unread bytes behind the `SET` that Redis holds back (a client paused on it has the
+    // `b` flag), once there is one.
+    let bytes_behind_held_set = || async {
+        let clients = admin_command(&["CLIENT", "LIST"]).await;
+        let held = clients
+            .lines()
+            .find(|line| line.contains(" flags=b ") && line.contains(" cmd=set "))?;
+        let qbuf = held
+            .split(' ')
+            .find_map(|field| field.strip_prefix("qbuf="))?;
+        qbuf.parse::<usize>().ok()
+    };
+    let within_5s = Instant::now() + Duration::from_secs(5);
+    // The proxy's connection to Redis is made before the pause.
+    assert_eq!(
+        get(proxy.addr, &archive("warm"), &[]).await.status,
+        StatusCode::OK
+    );
+    admin_command(&["CONFIG", "RESETSTAT"]).await;
+    admin_command(&["CLIENT", "PAUSE", "60000", "WRITE"]).await;
+
+    let path = archive("hung-up");
+    let mut hung_up = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nHost: oncegate\r\nX-Auth-Token: {TOKEN}\r\n\r\n");
+    hung_up.write_all(head.as_bytes()).await.unwrap();
+    while bytes_behind_held_set().await.is_none() {
+        assert!(Instant::now() < within_5s, "the claim never reached Redis");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The client hangs up; the proxy drops its request, and the release follows the `SET`.
+    drop(hung_up);
+    while bytes_behind_held_set().await == Some(0) {
+        assert!(Instant::now() < within_5s, "no release followed the claim");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    admin_command(&["CLIENT", "UNPAUSE"]).await;
+
+    let mut status = StatusCode::CONFLICT;
+    while status == StatusCode::CONFLICT {
+        assert!(
+            Instant::now() < within_5s + Duration::from_secs(5),
+            "the archive stayed in flight"
+        );
+        status = get(proxy.addr, &path, &[]).await.status;
+        if status == StatusCode::CONFLICT {
+            // The release script may still be loading (Redis had not seen it yet).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(upstream.hits("hung-up").len(), 1);
+    // The `SET` did land, and the release deleted it (the one `DEL` since the pause; commands
+    // that scripts run count too).
+    let stats = admin_command(&["INFO", "commandstats"]).await;
+    assert!(stats.contains("cmdstat_del:calls=1,"), "{stats}");
+}
