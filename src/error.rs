@@ -8,6 +8,7 @@ use http::header::{HeaderValue, ACCEPT_RANGES, ALLOW, CACHE_CONTROL, CONNECTION,
 use http::{Response, StatusCode};
 
 use crate::body::ProxyBody;
+use crate::json;
 
 /// The longest value any field of an error body may have (SPEC §1).
 pub const MAX_FIELD_CHARS: usize = 128;
@@ -149,18 +150,18 @@ impl ProxyError {
     /// The response for this error. `close` asks HTTP/1 clients to drop the connection, used when
     /// the request body was never read.
     pub fn into_response(self, request_id: &str, close: bool) -> Response<ProxyBody> {
-        let mut json = Vec::with_capacity(ERROR_BODY_CAPACITY);
+        let mut text = Vec::with_capacity(ERROR_BODY_CAPACITY);
         // The code and the summary are fixed texts with nothing to escape (a test checks each).
-        json.extend_from_slice(b"{\"error_code\":\"");
-        json.extend_from_slice(self.error_code().as_bytes());
-        json.extend_from_slice(b"\",\"error_msg\":\"");
-        json.extend_from_slice(self.summary().as_bytes());
-        json.extend_from_slice(b"\",\"error_details\":");
-        write_json_str(&mut json, truncate(&self.details()));
-        json.extend_from_slice(b",\"request_id\":");
-        write_json_str(&mut json, truncate(request_id));
-        json.push(b'}');
-        let mut response = Response::new(crate::body::full(json));
+        text.extend_from_slice(b"{\"error_code\":\"");
+        text.extend_from_slice(self.error_code().as_bytes());
+        text.extend_from_slice(b"\",\"error_msg\":\"");
+        text.extend_from_slice(self.summary().as_bytes());
+        text.extend_from_slice(b"\",\"error_details\":");
+        json::write_str(&mut text, truncate(&self.details()));
+        text.extend_from_slice(b",\"request_id\":");
+        json::write_str(&mut text, truncate(request_id));
+        text.push(b'}');
+        let mut response = Response::new(crate::body::full(text));
         // Room for every header set here and the edge's `X-Request-Id`, so the map never grows,
         // and no more: it stays within the allocator's per-thread cache (a map for 8 does not).
         *response.headers_mut() = http::HeaderMap::with_capacity(ERROR_HEADERS);
@@ -215,23 +216,6 @@ fn truncate(value: &str) -> &str {
     }
 }
 
-/// `value` as a JSON string. Most values need no escaping and are copied as they are; the rest
-/// go through serde_json.
-fn write_json_str(out: &mut Vec<u8>, value: &str) {
-    // A fold rather than `all`: no early exit, so the check is vectorized.
-    let plain = value.bytes().fold(true, |plain, b| {
-        plain & (b >= 0x20) & (b != b'"') & (b != b'\\')
-    });
-    if plain {
-        out.push(b'"');
-        out.extend_from_slice(value.as_bytes());
-        out.push(b'"');
-    } else if serde_json::to_writer(&mut *out, value).is_err() {
-        // Writing a string into a Vec cannot fail; keep the body valid JSON all the same.
-        out.extend_from_slice(b"\"\"");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,7 +256,7 @@ mod tests {
         for error in every_error() {
             for text in [error.error_code(), error.summary()] {
                 let mut escaped = Vec::new();
-                write_json_str(&mut escaped, text);
+                json::write_str(&mut escaped, text);
                 assert_eq!(escaped, format!("\"{text}\"").into_bytes(), "{error:?}");
                 assert!(text.chars().count() <= MAX_FIELD_CHARS, "{error:?}");
             }

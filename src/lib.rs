@@ -7,6 +7,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod iam;
+pub mod json;
 pub mod layers;
 pub mod ledger;
 pub mod net;

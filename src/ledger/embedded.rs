@@ -325,10 +325,7 @@ fn record_row(record: &ServedRecord) -> Vec<u8> {
     // Sized once for the usual record (~200 bytes of JSON): no reallocation per download.
     let mut row = Vec::with_capacity(8 + 256);
     row.extend_from_slice(&record.served_at_ms.to_le_bytes());
-    if serde_json::to_writer(&mut row, record).is_err() {
-        // Cannot happen for this struct; still served, with an unreadable record.
-        row.truncate(8);
-    }
+    record.write_json(&mut row);
     row
 }
 

@@ -361,8 +361,7 @@ impl Ledger for RedisLedger {
         // The served value, `s:<json>`, written in one buffer.
         let mut served = Vec::with_capacity(256);
         served.extend_from_slice(b"s:");
-        serde_json::to_writer(&mut served, &record)
-            .map_err(|e| LedgerError::Unavailable(e.to_string()))?;
+        record.write_json(&mut served);
         let retention_ms = self.retention.map_or(0, |r| r.as_millis().max(1) as u64);
         let script = &self.scripts.commit;
         let mut command = Self::evalsha(script, 1, 3, ticket.key.len() + served.len() + 64);
