@@ -249,7 +249,8 @@ impl RouteTemplate {
     }
 
     /// The search itself, with what it cost: at most `MAX_READINGS` readings of at most
-    /// `MAX_READING_BYTES` in all, whatever the path (a test holds it to that).
+    /// `MAX_READING_BYTES` in all (or the raw path alone, when longer), whatever the path; a
+    /// test holds it to that.
     fn explore_readings(&self, path: &[u8]) -> Exploration {
         let mut seen: HashSet<Vec<u8>> = HashSet::new();
         let mut queue: VecDeque<Vec<u8>> = VecDeque::new();
